@@ -1,0 +1,1 @@
+"""The ``mask-monitor`` command line: one module per subcommand, central errors and output."""

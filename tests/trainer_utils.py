@@ -1,0 +1,95 @@
+"""Tiny real models and datasets for trainer-level tests (no downloads, CPU, seconds)."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+IGNORE = -100
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config)
+
+
+CONVERSATIONS = [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Name a prime number.", "Seven is a prime number."),
+    ("Say hello.", "Hello there, friend!"),
+    ("What colour is the sky?", "The sky is usually blue."),
+    ("Count to three.", "One, two, three."),
+    ("Give me a fruit.", "An apple a day."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Name an ocean.", "The Pacific Ocean."),
+]
+
+
+def encode_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int], int]:
+    """input_ids of the rendered conversation and the number of prompt tokens (assistant header included)."""
+    msgs = [{"role": "user", "content": prompt}]
+    prompt_ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full_ids = tokenizer.apply_chat_template(
+        msgs + [{"role": "assistant", "content": response}], tokenize=True, return_dict=False
+    )
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    return list(full_ids), list(prompt_ids), len(prompt_ids)
+
+
+def rows(tokenizer, mode: str = "assistant", n: int | None = None) -> list[dict]:
+    """Pre-tokenized examples. mode: assistant (prompt masked), none (labels == input_ids), all (-100)."""
+    out = []
+    for prompt, response in CONVERSATIONS[:n]:
+        ids, _, n_prompt = encode_pair(tokenizer, prompt, response)
+        if mode == "assistant":
+            labels = [IGNORE] * n_prompt + ids[n_prompt:]
+        elif mode == "none":
+            labels = list(ids)
+        elif mode == "all":
+            labels = [IGNORE] * len(ids)
+        else:
+            raise ValueError(mode)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def dataset(examples: list[dict]) -> Dataset:
+    return Dataset.from_list(examples)
+
+
+def expected_counts(examples: list[dict]) -> dict[str, int]:
+    """Independent count, example by example, in plain Python: what the shifted loss sees."""
+    target = sum(len(e["input_ids"]) - 1 for e in examples)
+    supervised = sum(sum(1 for t in e["labels"][1:] if t != IGNORE) for e in examples)
+    fully = sum(1 for e in examples if all(t == IGNORE for t in e["labels"][1:]))
+    unmasked = sum(1 for e in examples if all(t != IGNORE for t in e["labels"][1:]))
+    return {
+        "sequences": len(examples),
+        "target_tokens": target,
+        "supervised_tokens": supervised,
+        "masked_tokens": target - supervised,
+        "fully_masked_sequences": fully,
+        "unmasked_sequences": unmasked,
+    }
+
+
+def params_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_params_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if any(s in k for s in skip):
+            continue
+        assert torch.equal(a[k], b[k]), f"parameter {k} changed"
