@@ -21,7 +21,7 @@ Works in a plain PyTorch loop:
     []
     >>> auditor.update(labels=torch.full((1, 5), -100), loss=torch.tensor(0.0))
     >>> [f.check for f in policy.evaluate(auditor.step())]
-    ['all_masked', 'fully_masked_sequences']
+    ['all_masked']
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class MaskAuditor:
 
         Every rank must call this once per step (it issues a collective when distributed).
         """
-        rank, world = rank_and_world()
+        rank, _ = rank_and_world()
         device = collective_device(self._device)
         dtype = stats_dtype(device)
         if self._pending:
@@ -137,7 +137,7 @@ class MaskAuditor:
             Totals.from_values(payload[base + i * k : base + (i + 1) * k]) for i in range(mb.shape[0])
         )
         if n_ranks == 1:
-            rank, world = 0, 1
+            rank = 0
         self.steps += 1
         self.last_step = self.steps if step is None else int(step)
         report = StepReport(

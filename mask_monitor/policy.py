@@ -57,7 +57,7 @@ class Policy:
         ...            masked_tokens=10, fully_masked_sequences=2, all_masked_batches=1)
         >>> r = StepReport(step=1, rank=0, world_size=1, total=t, per_rank=(t,), micro_batches=(t,))
         >>> [(f.check, f.action) for f in Policy().evaluate(r)]
-        [('all_masked', 'abort'), ('fully_masked_sequences', 'warn')]
+        [('all_masked', 'abort')]
     """
 
     def __init__(self, config: MonitorConfig | None = None) -> None:
@@ -94,7 +94,8 @@ class Policy:
             fire("zero_loss")
         if t.non_finite_loss_batches > 0:
             fire("non_finite_loss")
-        if t.fully_masked_sequences > 0:
+        dead = t.supervised_tokens == 0  # all_masked already says it; the implied warnings stay quiet
+        if t.fully_masked_sequences > 0 and not dead:
             fire("fully_masked_sequences")
         self._share.append((t.fully_masked_sequences, t.sequences))
         if len(self._share) == self._share.maxlen:
@@ -119,9 +120,9 @@ class Policy:
         if leak is not None and leak > c.prompt_leakage_threshold:
             fire("prompt_leakage", {"share": leak, "threshold": c.prompt_leakage_threshold})
         cov = t.response_coverage_ratio
-        if cov is not None and cov < c.response_coverage_threshold:
+        if cov is not None and cov < c.response_coverage_threshold and not dead:
             fire("response_coverage", {"share": cov, "threshold": c.response_coverage_threshold})
-        if t.assistant_turns > 0 and t.supervised_eot_turns == 0:
+        if t.assistant_turns > 0 and t.supervised_eot_turns == 0 and not dead:
             fire("eot_unsupervised")
         return out
 

@@ -1,0 +1,245 @@
+"""batch_stats against an independent plain-Python count, on hand-written and random batches."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+
+import pytest
+import torch
+
+from mask_monitor import FIELDS, MaskAuditor, MaskMonitorAbort, MonitorConfig, Policy, batch_stats
+from mask_monitor.reports import StepReport, Totals
+from mask_monitor.stats import (
+    ROLE_ASSISTANT_CONTENT,
+    ROLE_ASSISTANT_HEADER,
+    ROLE_END_OF_TURN,
+    ROLE_USER,
+    UnsupportedBatch,
+    as_dict,
+    combine,
+)
+
+IGN = -100
+
+
+def reference(labels, attention=None, position_ids=None, shift_labels=None, roles=None):
+    """Slow, obvious, per-token count of what a shifted causal-LM loss sees."""
+    B, L = len(labels), len(labels[0])
+    out = dict.fromkeys(FIELDS, 0.0)
+    out["micro_batches"] = 1
+    seqs = []  # (slots, supervised) per sequence
+    for b in range(B):
+        cur = None
+        for j in range(L):
+            starts = j == 0 or (position_ids is not None and position_ids[b][j] == 0)
+            if starts:
+                cur = [0, 0]
+                seqs.append(cur)
+            if shift_labels is not None:
+                tgt = shift_labels[b][j]
+                real = attention[b][j] if attention is not None else True
+                boundary = position_ids is not None and j + 1 < L and position_ids[b][j + 1] == 0
+            else:
+                if j == L - 1:
+                    tgt, real, boundary = IGN, False, False
+                else:
+                    tgt = labels[b][j + 1]
+                    real = attention[b][j + 1] if attention is not None else True
+                    boundary = position_ids is not None and position_ids[b][j + 1] == 0
+            valid = bool(real) and not boundary
+            sup = tgt != IGN
+            if valid or sup:
+                out["target_tokens"] += 1
+                cur[0] += 1
+            if sup:
+                out["supervised_tokens"] += 1
+                cur[1] += 1
+                if not valid:
+                    out["supervised_padding_tokens"] += 1
+            if roles is not None:
+                role = roles[b][j + 1] if j + 1 < L else 0
+                eot_first = role == ROLE_END_OF_TURN and not (j >= 1 and roles[b][j] == ROLE_END_OF_TURN)
+                if sup:
+                    out["audited_supervised_tokens"] += 1
+                    if role not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN):
+                        out["prompt_leakage_tokens"] += 1
+                if role == ROLE_ASSISTANT_CONTENT and (valid or sup):
+                    out["assistant_content_tokens"] += 1
+                if role == ROLE_ASSISTANT_CONTENT and sup:
+                    out["supervised_assistant_content_tokens"] += 1
+                if eot_first and (valid or sup):
+                    out["assistant_turns"] += 1
+                if eot_first and sup:
+                    out["supervised_eot_turns"] += 1
+    out["masked_tokens"] = out["target_tokens"] - out["supervised_tokens"]
+    live = [s for s in seqs if s[0] > 0]
+    out["sequences"] = len(live)
+    out["fully_masked_sequences"] = sum(1 for s in live if s[1] == 0)
+    out["unmasked_sequences"] = sum(1 for s in live if s[1] == s[0])
+    out["all_masked_batches"] = float(out["supervised_tokens"] == 0)
+    out["unmasked_batches"] = float(out["masked_tokens"] == 0 and out["target_tokens"] > 0)
+    out["max_masked_ratio"] = out["masked_tokens"] / out["target_tokens"] if out["target_tokens"] else 0.0
+    return out
+
+
+def check(labels, **kw):
+    t = {k: (torch.tensor(v) if v is not None else None) for k, v in kw.items()}
+    got = as_dict(batch_stats(torch.tensor(labels), **t))
+    exp = reference(labels, attention=kw.get("attention_mask"), position_ids=kw.get("position_ids"),
+                    shift_labels=kw.get("shift_labels"), roles=kw.get("roles"))
+    for k in FIELDS:
+        if k.startswith("loss") or k.endswith("loss_batches"):
+            continue
+        assert got[k] == pytest.approx(exp[k]), k
+    return got
+
+
+def test_hand_written_right_padding():
+    labels = [[IGN, IGN, 5, 6, IGN], [IGN, 7, 8, IGN, IGN]]
+    attn = [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
+    got = check(labels, attention_mask=attn)
+    # row 0: targets 1..3 real (3 slots), supervised 5,6; row 1: targets 1..2 real, supervised 7,8
+    assert (got["target_tokens"], got["supervised_tokens"], got["masked_tokens"]) == (5, 4, 1)
+    assert (got["sequences"], got["fully_masked_sequences"], got["unmasked_sequences"]) == (2, 0, 1)
+
+
+def test_label_at_position_zero_is_never_a_target():
+    got = check([[9, IGN, IGN]])
+    assert got["supervised_tokens"] == 0 and got["all_masked_batches"] == 1 and got["fully_masked_sequences"] == 1
+
+
+def test_packed_padding_free_boundary_is_not_a_target():
+    # two documents in one row: [a b c | d e]; TRL sets the label of each document's first token to -100
+    labels = [[IGN, 2, 3, IGN, 5]]
+    pos = [[0, 1, 2, 0, 1]]
+    got = check(labels, position_ids=pos)
+    assert got["sequences"] == 2 and got["target_tokens"] == 3 and got["supervised_tokens"] == 3
+    # a fully masked second document
+    got = check([[IGN, 2, 3, IGN, IGN, IGN]], position_ids=[[0, 1, 2, 0, 1, 2]])
+    assert got["sequences"] == 2 and got["fully_masked_sequences"] == 1
+
+
+def test_supervised_boundary_counts_as_padding_training():
+    got = check([[IGN, 2, 3, 4, 5]], position_ids=[[0, 1, 2, 0, 1]])
+    assert got["supervised_padding_tokens"] == 1 and got["supervised_tokens"] == 4
+
+
+def test_shift_labels_replace_labels():
+    got = check([[0, 0, 0]], shift_labels=[[5, IGN, IGN]], attention_mask=[[1, 1, 1]])
+    assert got["supervised_tokens"] == 1
+
+
+def test_loss_flags():
+    lab = torch.tensor([[IGN, 3, 4]])
+    d = as_dict(batch_stats(lab, loss=torch.tensor(0.0)))
+    assert d["zero_loss_batches"] == 1 and d["loss_batches"] == 1 and d["non_finite_loss_batches"] == 0
+    d = as_dict(batch_stats(lab, loss=torch.tensor(float("nan"))))
+    assert d["non_finite_loss_batches"] == 1 and d["loss_sum"] == 0
+    d = as_dict(batch_stats(torch.full((1, 3), IGN), loss=torch.tensor(0.0)))
+    assert d["zero_loss_batches"] == 0 and d["all_masked_batches"] == 1  # TRL's clamp: 0 with no targets
+    d = as_dict(batch_stats(lab, loss=2.5))
+    assert d["loss_sum"] == 2.5
+
+
+def test_roles_leakage_coverage_eot():
+    U, H, C, E = ROLE_USER, ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN
+    ids_roles = [[U, U, U, H, H, C, C, C, E, E]]
+    assistant_only = [[IGN, IGN, IGN, IGN, IGN, 5, 6, 7, 8, IGN]]
+    got = check(assistant_only, roles=ids_roles)
+    assert got["prompt_leakage_tokens"] == 0 and got["assistant_content_tokens"] == 3
+    assert got["supervised_assistant_content_tokens"] == 3
+    assert got["assistant_turns"] == 1 and got["supervised_eot_turns"] == 1
+    everything = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    got = check(everything, roles=ids_roles)
+    assert got["prompt_leakage_tokens"] == 4  # targets 1..4 (user x2, header x2)
+
+
+def test_random_batches_match_reference():
+    rng = random.Random(0)
+    for _ in range(300):
+        B, L = rng.randint(1, 4), rng.randint(2, 12)
+        labels = [[rng.choice([IGN, IGN, rng.randint(0, 50)]) for _ in range(L)] for _ in range(B)]
+        kw = {}
+        if rng.random() < 0.5:
+            lens = [rng.randint(1, L) for _ in range(B)]
+            kw["attention_mask"] = [[1 if j < n else 0 for j in range(L)] for n in lens]
+        if rng.random() < 0.4:
+            pos = []
+            for _ in range(B):
+                row, p = [], 0
+                for j in range(L):
+                    if j > 0 and rng.random() < 0.25:
+                        p = 0
+                    row.append(p)
+                    p += 1
+                pos.append(row)
+            kw["position_ids"] = pos
+        if rng.random() < 0.5:
+            kw["roles"] = [[rng.randint(0, 5) for _ in range(L)] for _ in range(B)]
+        check(labels, **kw)
+
+
+def test_unsupported_shapes_raise_unsupported_batch():
+    with pytest.raises(UnsupportedBatch):
+        batch_stats(torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(UnsupportedBatch):
+        batch_stats(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_combine_sums_counts_and_takes_max_ratio():
+    a = batch_stats(torch.tensor([[IGN, IGN, 3]]))
+    b = batch_stats(torch.tensor([[IGN, 2, 3]]))
+    c = as_dict(combine(torch.stack([a, b])))
+    assert c["micro_batches"] == 2 and c["target_tokens"] == 4 and c["supervised_tokens"] == 3
+    assert c["max_masked_ratio"] == 0.5
+
+
+def test_auditor_windows_and_state_roundtrip():
+    aud = MaskAuditor()
+    for n in (1, 2, 3):
+        lab = torch.full((1, 4), IGN)
+        lab[0, 4 - n :] = 1
+        aud.update(lab)
+        aud.step()
+    w = aud.window()
+    assert (w.first_step, w.last_step, w.steps) == (1, 3, 3)
+    assert w.total.supervised_tokens == 6 and w.total.target_tokens == 9
+    assert w.worst_batch["masked_ratio"] == pytest.approx(2 / 3) and w.worst_batch["step"] == 1
+    assert aud.window() is None
+    fresh = MaskAuditor()
+    fresh.load_state_dict(aud.state_dict())
+    assert fresh.summary() == aud.summary()
+
+
+def test_policy_fully_masked_share_needs_a_full_window():
+    p = Policy(MonitorConfig(fully_masked_share_window=3, fully_masked_share_threshold=0.5))
+    t = Totals(micro_batches=1, sequences=4, target_tokens=8, supervised_tokens=2, masked_tokens=6,
+               fully_masked_sequences=3)
+    checks = []
+    for step in (1, 2, 3):
+        r = StepReport(step=step, rank=0, world_size=1, total=t, per_rank=(t,), micro_batches=(t,))
+        checks.append([f.check for f in p.evaluate(r)])
+    assert "fully_masked_share" not in checks[0] + checks[1]
+    assert "fully_masked_share" in checks[2]
+
+
+def test_config_env_and_validation():
+    cfg = MonitorConfig.resolve({}, env={"MASK_MONITOR_ALL_MASKED": "warn", "MASK_MONITOR_EVIDENCE_ROWS": "5"})
+    assert cfg.all_masked == "warn" and cfg.evidence_rows == 5
+    assert MonitorConfig.resolve({"all_masked": "off"}, env={"MASK_MONITOR_ALL_MASKED": "warn"}).all_masked == "off"
+    with pytest.raises(ValueError, match="Possible choices are: abort, warn, off"):
+        MonitorConfig(zero_loss="explode")
+    with pytest.raises(TypeError, match="Unexpected keyword arguments: bogus"):
+        MonitorConfig.resolve({"bogus": 1})
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        MonitorConfig(prompt_leakage_threshold=2)
+
+
+def test_abort_pickles_with_its_fields():
+    err = MaskMonitorAbort("zero_loss", step=7, rank=1, numbers={"supervised_tokens": 12}, evidence_path="/x.json")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.reason, back.step, back.rank, back.evidence_path) == ("zero_loss", 7, 1, "/x.json")
+    assert str(back) == str(err) and "12 target tokens are supervised" in str(err)
+    assert not math.isnan(back.numbers["supervised_tokens"])
