@@ -49,7 +49,7 @@ class Recorder(Sink):
 
 
 def sft(tokenizer, examples, tmp_path, *, callbacks, epochs=1, bs=2, accum=1, packing=False, max_steps=-1,
-        model=None, **cfg):
+        model=None, eval_examples=None, **cfg):
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=bs,
@@ -69,7 +69,8 @@ def sft(tokenizer, examples, tmp_path, *, callbacks, epochs=1, bs=2, accum=1, pa
     )
     model = model or tiny_llama(len(tokenizer))
     trainer = trl.SFTTrainer(
-        model=model, args=config, train_dataset=dataset(examples), processing_class=tokenizer, callbacks=callbacks
+        model=model, args=config, train_dataset=dataset(examples), processing_class=tokenizer, callbacks=callbacks,
+        eval_dataset=dataset(eval_examples) if eval_examples else None,
     )
     return trainer, model
 
