@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ._version import __version__
 from .auditor import MaskAuditor
@@ -45,7 +46,7 @@ logger = logging.getLogger("mask_monitor")
 _BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "shift_labels")
 
 
-class MaskMonitorCallback(TrainerCallback):
+class MaskMonitorCallback(TrainerCallback, ExportableState):
     """Audit every training micro-batch; abort dead steps before the optimizer applies them.
 
     Args:
@@ -131,8 +132,34 @@ class MaskMonitorCallback(TrainerCallback):
         return d
 
     def state(self) -> dict[str, Any]:
-        """Plain-dict state (for checkpoints): run totals and finding counts."""
-        return {"auditor": self.auditor.state_dict(), "findings": dict(self.findings)}
+        """Saved by the Trainer in each checkpoint's ``trainer_state.json`` (``stateful_callbacks``).
+
+        On ``resume_from_checkpoint`` the callback restores its run totals from there by itself at train
+        begin. (With ``restore_callback_states_from_checkpoint=True`` transformers instead replaces the
+        callback object by a new default-configured one; leave that option off.)
+        """
+        return {
+            "args": {},
+            "attributes": {
+                "resume_state": {
+                    "auditor": self.auditor.state_dict(),
+                    "findings": dict(self.findings),
+                    "first_step": dict(self.first_step),
+                }
+            },
+        }
+
+    def _restore(self, state: Any) -> None:
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        resume = ((saved or {}).get("attributes") or {}).get("resume_state")
+        if not resume or state.global_step <= 0:
+            return
+        self.auditor.load_state_dict(resume["auditor"])
+        self.findings = dict(resume.get("findings", {}))
+        self.first_step = dict(resume.get("first_step", {}))
+        logger.info("mask-monitor: resumed run totals at step %d", self.auditor.last_step)
 
     # ------------------------------------------------------------------ helpers
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
@@ -256,6 +283,7 @@ class MaskMonitorCallback(TrainerCallback):
             if getattr(sink, "tokenizer", None) is None:
                 sink.tokenizer = tokenizer
         self.sinks.call("on_train_begin", self.info)  # SinkConfigError (e.g. port taken) propagates
+        self._restore(state)
         self._remove_hooks()
         if model is None:
             self._warn_once("model", "mask-monitor: no model given to on_train_begin; audit off")

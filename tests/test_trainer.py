@@ -58,14 +58,13 @@ def sft(tokenizer, examples, tmp_path, *, callbacks, epochs=1, bs=2, accum=1, pa
         max_steps=max_steps,
         learning_rate=1e-2,
         logging_steps=1,
-        save_strategy="no",
         report_to="none",
         use_cpu=True,
         packing=packing,
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
-        **{"max_length": None, **cfg},  # max_length would make TRL drop fully masked examples up front
+        **{"max_length": None, "save_strategy": "no", **cfg},  # max_length would make TRL drop fully masked examples up front
     )
     model = model or tiny_llama(len(tokenizer))
     trainer = trl.SFTTrainer(
@@ -107,7 +106,7 @@ def test_healthy_assistant_only_counts_match_independent_count(zephyr_tokenizer,
 def test_all_labels_masked_aborts_at_first_step_weights_untouched(zephyr_tokenizer, tmp_path):
     examples = rows(zephyr_tokenizer, "all")
     cb = MaskMonitorCallback()
-    trainer, model = sft(zephyr_tokenizer, examples, tmp_path, callbacks=[cb])
+    trainer, model = sft(zephyr_tokenizer, examples, tmp_path, callbacks=[cb], save_strategy="steps", save_steps=1)
     before = params_snapshot(model)
     with pytest.raises(MaskMonitorAbort) as info:
         trainer.train()
@@ -345,3 +344,24 @@ def test_label_smoothing_plain_trainer_warns_once_and_trains(zephyr_tokenizer, t
     assert trainer.train().global_step == 2
     msgs = [r.getMessage() for r in caplog.records if "received no labels" in r.getMessage()]
     assert len(msgs) == 1
+
+
+# --------------------------------------------------------------------------- resume
+def test_resume_from_checkpoint_continues_run_totals(zephyr_tokenizer, tmp_path):
+    examples = rows(zephyr_tokenizer, "assistant")
+    whole = MaskMonitorCallback()
+    trainer, _ = sft(zephyr_tokenizer, examples, tmp_path / "a", callbacks=[whole])
+    trainer.train()
+
+    first = MaskMonitorCallback()
+    trainer, _ = sft(zephyr_tokenizer, examples, tmp_path / "b", callbacks=[first], save_strategy="steps",
+                     save_steps=2)
+    trainer.train()
+    assert first.summary()["steps"] == 4
+    resumed = MaskMonitorCallback()
+    trainer, _ = sft(zephyr_tokenizer, examples, tmp_path / "b", callbacks=[resumed], save_strategy="steps",
+                     save_steps=2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
+    got, exp = resumed.summary(), whole.summary()
+    assert got["steps"] == 4 and got["last_step"] == 4
+    assert pick(got, COUNT_KEYS) == pick(exp, COUNT_KEYS)
