@@ -35,7 +35,7 @@ from .errors import MaskMonitorAbort
 from .evidence import write_evidence
 from .policy import Policy, first_abort
 from .reports import RunInfo, StepReport
-from .sinks.base import Finding, Sink, SinkGroup
+from .sinks.base import Finding, Sink, SinkConfigError, SinkGroup
 from .sinks.logging import LoggingSink
 from .stats import UnsupportedBatch
 
@@ -209,6 +209,8 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         if PrometheusSink is not None:
             try:
                 sink = PrometheusSink.from_settings(**self._prom_settings)
+            except ValueError as exc:  # a malformed setting (e.g. MASK_MONITOR_PROMETHEUS_PORT=abc): fail loudly
+                raise SinkConfigError(f"mask-monitor: {exc}") from exc
             except Exception as exc:  # noqa: BLE001
                 sink = None
                 self._warn_once("prometheus", "mask-monitor: Prometheus export disabled: %s", exc)
