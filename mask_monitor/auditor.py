@@ -105,8 +105,10 @@ class MaskAuditor:
             rows: dict[str, torch.Tensor] = {"labels": labels.detach()[: self.evidence_rows].clone()}
             if input_ids is not None:
                 rows["input_ids"] = input_ids.detach()[: self.evidence_rows].clone()
-            if shift_labels is not None:
-                rows["shift_labels"] = shift_labels.detach()[: self.evidence_rows].clone()
+            for key, t in (("shift_labels", shift_labels), ("attention_mask", attention_mask),
+                           ("position_ids", position_ids), ("roles", roles)):
+                if isinstance(t, torch.Tensor) and t.dim() == 2:
+                    rows[key] = t.detach()[: self.evidence_rows].clone()
             self._pending_rows.append(rows)
 
     @property

@@ -91,7 +91,8 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self.config = config if config is not None else MonitorConfig.resolve(checks)
         self.policy = Policy(self.config)
         self.auditor = MaskAuditor(ignore_index=self.config.ignore_index, evidence_rows=self.config.evidence_rows)
-        self.sinks = SinkGroup([LoggingSink(), *sinks])
+        self._user_sinks: list[Sink] = list(sinks)
+        self.sinks = SinkGroup([LoggingSink(), *self._user_sinks])
         self.template_setting = template
         self.template = None
         self.tokenizer = tokenizer
@@ -280,10 +281,13 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self.tokenizer = tokenizer
         self._setup_template(tokenizer)
         self.info.template_family = getattr(self.template, "family", None)
+        self.sinks = SinkGroup([LoggingSink(), *self._user_sinks])  # fresh per train(): no duplicates
         self._setup_sinks()
         for sink in self.sinks.sinks:
             if getattr(sink, "tokenizer", None) is None:
                 sink.tokenizer = tokenizer
+            if sink.wants_batches:
+                sink.ignore_index = self.config.ignore_index
         self.sinks.call("on_train_begin", self.info)  # SinkConfigError (e.g. port taken) propagates
         self._restore(state)
         self._remove_hooks()
