@@ -277,7 +277,8 @@ _ROWS: list[tuple[str, list[Panel]]] = [
             Panel(
                 "timeseries",
                 "Template audit tokens / s",
-                "Audited supervised tokens, prompt tokens supervised, assistant content tokens (all and "
+                "Audited supervised tokens, prompt tokens supervised, assistant headers supervised, assistant content "
+                "tokens (all and "
                 "supervised), assistant turns and supervised end-of-turn tokens, per second.",
                 "short",
                 tuple(
@@ -285,6 +286,7 @@ _ROWS: list[tuple[str, list[Panel]]] = [
                     for m in (
                         "audited_supervised_tokens",
                         "prompt_leakage_tokens",
+                        "supervised_header_tokens",
                         "assistant_content_tokens",
                         "supervised_assistant_content_tokens",
                         "assistant_turns",

@@ -101,7 +101,7 @@ _CAUSES: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "prompt_leakage": (
         "{prompt_leakage_tokens} of {audited_supervised_tokens} supervised targets ({share:.1%}) in step "
-        "{step} are prompt tokens (system, user, headers), above the threshold {threshold:.1%}: the model "
+        "{step} are prompt tokens (system and user turns), above the threshold {threshold:.1%}: the model "
         "is being trained to write the prompts.",
         [
             "masking is disabled: labels == input_ids (TRL's default for conversational data trains on the "

@@ -41,6 +41,7 @@ class Totals:
     non_finite_loss_batches: float = 0
     audited_supervised_tokens: float = 0
     prompt_leakage_tokens: float = 0
+    supervised_header_tokens: float = 0
     assistant_content_tokens: float = 0
     supervised_assistant_content_tokens: float = 0
     assistant_turns: float = 0

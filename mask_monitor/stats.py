@@ -77,6 +77,7 @@ FIELDS: tuple[str, ...] = (
     "non_finite_loss_batches",
     "audited_supervised_tokens",
     "prompt_leakage_tokens",
+    "supervised_header_tokens",
     "assistant_content_tokens",
     "supervised_assistant_content_tokens",
     "assistant_turns",
@@ -210,16 +211,18 @@ def batch_stats(
         content = role_t == ROLE_ASSISTANT_CONTENT
         eot = role_t == ROLE_END_OF_TURN
         eot_first = eot & ~F.pad(eot[:, :-1], (1, 0), value=False)
+        header = role_t == ROLE_ASSISTANT_HEADER
         role_cols = [
             n_sup.to(dtype),
-            (supervised & ~(content | eot)).sum().to(dtype),
+            (supervised & ~(content | eot | header)).sum().to(dtype),
+            (supervised & header).sum().to(dtype),
             (content & slots).sum().to(dtype),
             (content & supervised).sum().to(dtype),
             (eot_first & slots).sum().to(dtype),
             (eot_first & supervised).sum().to(dtype),
         ]
     else:
-        role_cols = [zero] * 6
+        role_cols = [zero] * 7
 
     n_slots_f = n_slots.to(dtype)
     max_ratio = torch.where(n_slots > 0, n_masked.to(dtype) / n_slots_f.clamp(min=1), zero)

@@ -63,7 +63,9 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                 eot_first = role == ROLE_END_OF_TURN and not (j >= 1 and roles[b][j] == ROLE_END_OF_TURN)
                 if sup:
                     out["audited_supervised_tokens"] += 1
-                    if role not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN):
+                    if role == ROLE_ASSISTANT_HEADER:
+                        out["supervised_header_tokens"] += 1
+                    elif role not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN):
                         out["prompt_leakage_tokens"] += 1
                 if role == ROLE_ASSISTANT_CONTENT and (valid or sup):
                     out["assistant_content_tokens"] += 1
@@ -153,7 +155,8 @@ def test_roles_leakage_coverage_eot():
     assert got["assistant_turns"] == 1 and got["supervised_eot_turns"] == 1
     everything = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     got = check(everything, roles=ids_roles)
-    assert got["prompt_leakage_tokens"] == 4  # targets 1..4 (user x2, header x2)
+    assert got["prompt_leakage_tokens"] == 2  # targets 1..2 are user tokens
+    assert got["supervised_header_tokens"] == 2  # targets 3..4: the assistant header, counted apart
 
 
 def test_random_batches_match_reference():

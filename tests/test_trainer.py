@@ -64,7 +64,8 @@ def sft(tokenizer, examples, tmp_path, *, callbacks, epochs=1, bs=2, accum=1, pa
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
-        **{"max_length": None, "save_strategy": "no", **cfg},  # max_length would make TRL drop fully masked examples up front
+        # max_length would make TRL drop fully masked examples before training
+        **{"max_length": None, "save_strategy": "no", **cfg},
     )
     model = model or tiny_llama(len(tokenizer))
     trainer = trl.SFTTrainer(

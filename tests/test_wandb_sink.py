@@ -449,7 +449,13 @@ def test_template_audit_masking_disabled_logs_leakage_and_family(zephyr_tokenize
     # every target is supervised; the prompt's tokens after position 0 (user turn and assistant header)
     # are the leakage; the response (content and its end of turn) is fully covered
     supervised = sum(len(e["input_ids"]) - 1 for e in examples)
-    leaked = sum(n - 1 for n in prompt_lens)
+    # the assistant header (what the generation prompt adds) is counted apart from prompt leakage
+    user_only = [[{"role": "user", "content": q}] for q, _ in CONVERSATIONS[:2]]
+    render = zephyr_tokenizer.apply_chat_template
+    headers = [len(render(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+               - len(render(m, tokenize=True, return_dict=False)) for m in user_only]
+    assert all(h > 0 for h in headers)
+    leaked = sum(n - 1 - h for n, h in zip(prompt_lens, headers, strict=True))
     assert row["train/global_step"] == 2
     assert_row(row, {P + "audited_supervised_tokens": supervised, P + "prompt_leakage_tokens": leaked,
                      P + "prompt_leakage_ratio": leaked / supervised, P + "response_coverage_ratio": 1.0,

@@ -132,7 +132,12 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "prompt_leakage_tokens": (
         "prompt_leakage_tokens",
-        "Supervised targets that are prompt tokens (system, user, headers): the model learns prompts.",
+        "Supervised targets that are prompt tokens (system, user, other text): the model learns prompts.",
+    ),
+    "supervised_header_tokens": (
+        "supervised_header_tokens",
+        "Supervised targets that are assistant-turn headers (e.g. TRL generation spans that include the header);"
+        " not counted as prompt leakage.",
     ),
     "assistant_content_tokens": (
         "assistant_content_tokens",

@@ -1,0 +1,374 @@
+"""Give every token of a batch its conversational role, on the batch's own device.
+
+:class:`RoleTagger` is built once per tokenizer and template. It finds each marker's token ids by
+rendering whole probe conversations with the tokenizer's chat template and tokenizing them: a marker's
+ids are the tokens whose first non-blank character lies inside the marker's text in the render (so a
+space that SentencePiece merges into the next content token, or a newline the Phi-3 tokenizer strips,
+is never part of a marker), collected over several probe contents (a marker can tokenize differently
+in different contexts; every variant seen is matched). A marker string is never tokenized alone.
+
+Calling the tagger on ``input_ids`` (and ``position_ids`` for packed batches) returns a tensor of role
+codes from :mod:`mask_monitor.stats`, computed with a few vectorised ops (``unfold`` + compare to find
+marker occurrences, ``cummax`` of event positions to carry the current role forward), no Python loop
+over tokens and no device-to-host sync:
+
+* ``ROLE_SYSTEM`` / ``ROLE_USER``: from a system / user opener up to the next opener;
+* ``ROLE_ASSISTANT_HEADER``: the tokens of an assistant opener;
+* ``ROLE_ASSISTANT_CONTENT``: after the header until the first end of turn (reasoning blocks included);
+* ``ROLE_END_OF_TURN``: the end-of-turn tokens closing an assistant turn, plus whatever the template
+  emits after them before the next opener (``"\\n"`` after ``<|im_end|>``, a final ``<|endoftext|>``):
+  what ``{% generation %}`` spans supervise too. A whitespace-only end of turn (``"\\n"``) counts only
+  where an opener (or the end of the row) follows it directly;
+* ``ROLE_OTHER``: anything before the first opener of a row or packed document (bos, a bare system
+  prompt), and the whole document when it has no opener.
+
+A packed document starts where ``position_ids == 0``; roles never carry across documents.
+
+Example (needs a tokenizer; the callback does exactly this at train begin)::
+
+    tagger = RoleTagger.from_tokenizer(tokenizer, detect_template(tokenizer))
+    roles = tagger(batch["input_ids"], batch.get("position_ids"))  # same device, no host sync
+    stats = batch_stats(batch["labels"], roles=roles)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mask_monitor.stats import (
+    ROLE_ASSISTANT_CONTENT,
+    ROLE_ASSISTANT_HEADER,
+    ROLE_END_OF_TURN,
+    ROLE_OTHER,
+    ROLE_SYSTEM,
+    ROLE_USER,
+)
+from mask_monitor.templates.chat_template import ChatTemplate
+from mask_monitor.templates.render import TemplateRenderer, common_prefix, probe_conversation, snap_prefix
+
+__all__ = ["RoleTagger", "MarkerIds", "PROBE_CONTENTS"]
+
+#: Probe conversations (system, user, assistant, user, assistant) tokenized to find marker ids.
+PROBE_CONTENTS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("You are a helpful assistant.", "What is 2+2?", "2+2 equals 4.", "And 3+3?", "3+3 equals 6."),
+    ("Be brief", "hello there", "Hi! How can I help", "write one line", "Sure thing: done"),
+    ("Answer in French.", "Name a colour", "bleu", "Thanks!", "De rien :)"),
+    ("<b>Rules</b> apply", "(quick) 7*6?", "<b>42</b> it is", "- one more\n- list", "42, as before."),
+    ("# Role", "1) go", "* done (1)", "[ok]?", "\"quoted\" reply"),
+)
+
+
+class MarkerIds:
+    """Token-id sequences of one marker kind, grouped by length as ``(k, LongTensor[n, k])``."""
+
+    def __init__(self, seqs: Iterable[Sequence[int]]) -> None:
+        self.seqs: tuple[tuple[int, ...], ...] = tuple(sorted({tuple(s) for s in seqs if len(s) > 0}))
+        by_len: dict[int, list[tuple[int, ...]]] = {}
+        for s in self.seqs:
+            by_len.setdefault(len(s), []).append(s)
+        self._groups = [(k, torch.tensor(v, dtype=torch.long)) for k, v in sorted(by_len.items())]
+        self._on: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    def __repr__(self) -> str:
+        return f"MarkerIds({list(self.seqs)})"
+
+    def groups(self, device: torch.device) -> list[tuple[int, torch.Tensor]]:
+        if device not in self._on:
+            self._on[device] = [(k, t.to(device)) for k, t in self._groups]
+        return self._on[device]
+
+
+def _match(ids: torch.Tensor, k: int, seqs: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: a sequence of ``seqs`` (``[n, k]``) starts at this position."""
+    b, length = ids.shape
+    if k > length:
+        return torch.zeros((b, length), dtype=torch.bool, device=ids.device)
+    windows = ids.unfold(1, k, 1)  # [B, L-k+1, k]
+    hit = (windows.unsqueeze(2) == seqs.view(1, 1, *seqs.shape)).all(dim=-1).any(dim=-1)
+    return F.pad(hit, (0, k - 1), value=False)
+
+
+def _core_start(text: str, start: int, end: int) -> int:
+    piece = text[start:end]
+    stripped = len(piece) - len(piece.lstrip())
+    return start if stripped == len(piece) else start + stripped
+
+
+def _ids_in_span(text: str, ids: list[int], offsets: list[tuple[int, int]], a: int, b: int) -> tuple[int, ...]:
+    out = []
+    for tid, (s, e) in zip(ids, offsets, strict=True):
+        if e <= s:
+            continue
+        if a <= _core_start(text, s, e) < b:
+            out.append(tid)
+    return tuple(out)
+
+
+def _strip_blank_tail(tok: Any, seq: tuple[int, ...]) -> tuple[int, ...]:
+    n = len(seq)
+    while n > 1 and not tok.decode([seq[n - 1]]).strip():
+        n -= 1
+    return seq[:n]
+
+
+def _specific(tok: Any, seq: tuple[int, ...], added: set[int]) -> bool:
+    """A variant is matched only if it holds a special token or at least two non-blank tokens."""
+    if any(t in added for t in seq):
+        return True
+    return sum(1 for t in seq if tok.decode([t]).strip()) >= 2
+
+
+class RoleTagger:
+    """Tag each position of ``input_ids`` with a ``ROLE_*`` code (see the module docstring).
+
+    Build it with :meth:`from_tokenizer`; call it as ``tagger(input_ids, position_ids=None)``.
+    """
+
+    def __init__(
+        self,
+        template: ChatTemplate,
+        assistant: MarkerIds,
+        end_of_turn: MarkerIds,
+        user: MarkerIds | None = None,
+        system: MarkerIds | None = None,
+        whitespace_end_of_turn: MarkerIds | None = None,
+    ) -> None:
+        if not assistant:
+            raise ValueError(f"no token ids for the assistant opener {template.assistant!r}")
+        self.template = template
+        self.assistant = assistant
+        self.end_of_turn = end_of_turn
+        self.user = user or MarkerIds(())
+        self.system = system or MarkerIds(())
+        self.whitespace_end_of_turn = whitespace_end_of_turn or MarkerIds(())
+
+    def __repr__(self) -> str:
+        return (
+            f"RoleTagger({self.template.family}: assistant={list(self.assistant.seqs)}, "
+            f"end_of_turn={list(self.end_of_turn.seqs) + list(self.whitespace_end_of_turn.seqs)}, "
+            f"user={list(self.user.seqs)}, system={list(self.system.seqs)})"
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, template: ChatTemplate | None = None) -> RoleTagger:
+        """Find the marker token ids of ``template`` (detected when ``None``) for ``tokenizer``.
+
+        Probe conversations are rendered with the tokenizer's own chat template when it has one and
+        the template's markers appear in its render; otherwise a conversation is assembled from the
+        marker texts. Either way the whole conversation is tokenized (``add_special_tokens=False``)
+        with offsets, and each marker's ids are read off its span.
+
+        Raises:
+            ValueError: no template could be detected, the tokenizer gives no offsets, or the assistant
+                opener has no tokens of its own.
+        """
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        if getattr(tok, "is_fast", True) is False:
+            raise ValueError("the role tagger needs a fast tokenizer (it reads marker ids off offsets)")
+        if template is None:
+            from mask_monitor.templates.detect import detect_template
+
+            template = detect_template(tokenizer)
+            if template is None:
+                raise ValueError("the tokenizer has no usable chat template; pass a ChatTemplate")
+        bos, eos = getattr(tok, "bos_token", None), getattr(tok, "eos_token", None)
+        template = template.resolved(bos if isinstance(bos, str) else None, eos if isinstance(eos, str) else None)
+        renderer = TemplateRenderer.from_tokenizer(tokenizer) or TemplateRenderer.from_tokenizer(tok)
+
+        found: dict[str, set[tuple[int, ...]]] = {k: set() for k in ("assistant", "eot", "ws_eot", "user", "system")}
+        for contents in PROBE_CONTENTS:
+            text, spans = _probe_spans(renderer, template, contents)
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+            for kind, a, b in spans:
+                seq = _ids_in_span(text, ids, offsets, a, b)
+                if seq:
+                    if kind == "eot" and not text[a:b].strip():
+                        kind = "ws_eot"
+                    found[kind].add(seq)
+        # The first token of a plain-text marker can merge with the character before it ("![" in
+        # SentencePiece): also match the rest, when it is at least two tokens long.
+        # Likewise its trailing whitespace can merge with what follows ("\n\n" + "<"): also match an
+        # opener without its trailing whitespace tokens (the longest match wins where both do).
+        added = set(getattr(tok, "added_tokens_encoder", {}).values())
+        for kind, seqs in found.items():
+            variants = {s[1:] for s in seqs if s[0] not in added}
+            if kind in ("assistant", "user", "system"):
+                variants |= {_strip_blank_tail(tok, s) for s in seqs}
+            seqs.update(v for v in variants if _specific(tok, v, added))
+        return cls(
+            template,
+            assistant=MarkerIds(found["assistant"]),
+            end_of_turn=MarkerIds(found["eot"]),
+            user=MarkerIds(found["user"]),
+            system=MarkerIds(found["system"]),
+            whitespace_end_of_turn=MarkerIds(found["ws_eot"]),
+        )
+
+    # ------------------------------------------------------------------ tagging
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Role codes, same shape and device as ``input_ids`` (``(B, L)`` or ``(L,)``), dtype long."""
+        squeeze = input_ids.dim() == 1
+        ids = input_ids.unsqueeze(0) if squeeze else input_ids
+        ids = ids.long()
+        b, length = ids.shape
+        dev = ids.device
+        if length == 0:
+            return torch.zeros_like(input_ids, dtype=torch.long)
+        pos = torch.arange(length, device=dev).expand(b, length)
+        minus_one = torch.full_like(pos, -1)
+
+        open_kind = torch.zeros_like(pos)
+        open_len = torch.zeros_like(pos)
+        kinds = ((ROLE_USER, self.user), (ROLE_SYSTEM, self.system), (ROLE_ASSISTANT_HEADER, self.assistant))
+        for kind, marker in kinds:
+            for k, seqs in marker.groups(dev):
+                better = _match(ids, k, seqs) & (open_len < k)
+                open_kind = torch.where(better, kind, open_kind)
+                open_len = torch.where(better, k, open_len)
+        # Markers do not overlap: an opener starting inside an earlier opener's tokens is not one.
+        starts = open_len > 0
+        covered = torch.cummax(torch.where(starts, pos + open_len - 1, minus_one), dim=1).values
+        opens = starts & (F.pad(covered[:, :-1], (1, 0), value=-1) < pos)
+        open_kind = torch.where(opens, open_kind, 0)
+        open_len = torch.where(opens, open_len, 0)
+
+        first = pos == 0
+        if position_ids is not None:
+            p = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
+            first = first | (p.expand(b, length) == 0)
+        doc_start = torch.cummax(torch.where(first, pos, minus_one), dim=1).values
+
+        last_open = torch.cummax(torch.where(opens, pos, minus_one), dim=1).values
+        in_turn = last_open >= doc_start
+        at = last_open.clamp(min=0)
+        kind_at = open_kind.gather(1, at)
+        content_start = last_open + open_len.gather(1, at)
+
+        eot = torch.zeros_like(opens)
+        for k, seqs in self.end_of_turn.groups(dev):
+            eot = eot | _match(ids, k, seqs)
+        for k, seqs in self.whitespace_end_of_turn.groups(dev):
+            opener_follows = F.pad(opens, (0, k), value=True)[:, k : k + length]
+            eot = eot | (_match(ids, k, seqs) & opener_follows)
+        last_eot = torch.cummax(torch.where(eot, pos, minus_one), dim=1).values
+
+        assistant = in_turn & (kind_at == ROLE_ASSISTANT_HEADER)
+        roles = torch.full_like(pos, ROLE_OTHER)
+        roles = torch.where(in_turn & (kind_at == ROLE_USER), ROLE_USER, roles)
+        roles = torch.where(in_turn & (kind_at == ROLE_SYSTEM), ROLE_SYSTEM, roles)
+        roles = torch.where(assistant, ROLE_ASSISTANT_HEADER, roles)
+        in_content = assistant & (pos >= content_start)
+        roles = torch.where(in_content, ROLE_ASSISTANT_CONTENT, roles)
+        roles = torch.where(in_content & (last_eot >= content_start), ROLE_END_OF_TURN, roles)
+        return roles.squeeze(0) if squeeze else roles
+
+
+def _probe_spans(
+    renderer: TemplateRenderer | None, template: ChatTemplate, contents: tuple[str, str, str, str, str]
+) -> tuple[str, list[tuple[str, int, int]]]:
+    """A probe conversation's text and the character spans of its markers ``(kind, start, end)``."""
+    if renderer is not None:
+        for with_system in (True, False):
+            msgs = probe_conversation(contents, system=with_system)
+            try:
+                text = renderer.render(msgs)
+            except Exception:  # noqa: BLE001 - templates raise anything
+                continue
+            try:  # the same conversation cut after the first answer: what that turn itself emits
+                first = renderer.render(msgs[:-2])
+            except Exception:  # noqa: BLE001
+                first = None
+            spans = _spans_in_render(text, first, template, contents, with_system, renderer.all_special)
+            if spans is not None:
+                return text, spans
+    return _synthetic(template, contents)
+
+
+def _spans_in_render(
+    text: str,
+    first: str | None,
+    template: ChatTemplate,
+    contents: tuple[str, ...],
+    with_system: bool,
+    specials: tuple[str, ...],
+) -> list[tuple[str, int, int]] | None:
+    sys_c, u1, a1, u2, a2 = (c.strip() for c in contents)
+    starts: dict[str, int] = {}
+    cursor = 0
+    for c in (u1, a1, u2, a2):
+        found = text.find(c, cursor)
+        if found < 0:
+            return None
+        starts[c] = found
+        cursor = found + len(c)
+    spans: list[tuple[str, int, int]] = []
+    prev_end = 0
+    eots = template.end_of_turns
+    for c in (u1, a1, u2, a2):
+        start, end = starts[c], starts[c] + len(c)
+        if c in (a1, a2):
+            m = text.rfind(template.assistant, prev_end, start)
+            if m < 0:
+                return None
+            spans.append(("assistant", m, m + len(template.assistant)))
+            limit = starts[u2] if c == a1 else len(text)
+            for e in eots:
+                q = text.find(e, end, limit)
+                if q >= 0 and not text[end:q].strip():
+                    spans.append(("eot", q, q + len(e)))
+        elif template.user is not None:
+            m = text.rfind(template.user, prev_end, start)
+            if m >= 0:
+                a = m
+                if c == u2 and first is not None and a1 in first:
+                    # Text between the first answer's own closing text (what a render ending there
+                    # emits) and the user marker is emitted with the user turn: " [INST]", "<s>[INST]".
+                    gap = text[prev_end:m]
+                    own = first[first.rindex(a1) + len(a1) :]
+                    closer = snap_prefix(gap, len(common_prefix(gap, own)), specials)
+                    extra = gap[len(closer) :]
+                    if extra and not any(extra.endswith(e) for e in eots if e):
+                        a = prev_end + len(closer)
+                spans.append(("user", a, m + len(template.user)))
+        prev_end = end
+    if with_system and template.system is not None:
+        s = text.find(sys_c)
+        if s >= 0:
+            m = text.rfind(template.system, 0, s)
+            if m >= 0:
+                spans.append(("system", m, m + len(template.system)))
+    return spans
+
+
+def _synthetic(
+    template: ChatTemplate, contents: tuple[str, str, str, str, str]
+) -> tuple[str, list[tuple[str, int, int]]]:
+    """Assemble a conversation from the marker texts when no render carries them."""
+    sys_c, u1, a1, u2, a2 = contents
+    parts: list[tuple[str | None, str]] = []
+    if template.system is not None:
+        parts += [("system", template.system), (None, sys_c + "\n")]
+    eot = template.end_of_turn
+    for u, a in ((u1, a1), (u2, a2)):
+        if template.user is not None:
+            parts.append(("user", template.user))
+        parts += [(None, u + "\n"), ("assistant", template.assistant), (None, a)]
+        if eot:
+            parts.append(("eot", eot))
+        parts.append((None, "\n"))
+    text, spans, pos = "", [], 0
+    for kind, piece in parts:
+        if kind is not None:
+            spans.append((kind, pos, pos + len(piece)))
+        text += piece
+        pos += len(piece)
+    return text, spans
