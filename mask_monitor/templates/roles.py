@@ -90,9 +90,13 @@ def _match(ids: torch.Tensor, k: int, seqs: torch.Tensor) -> torch.Tensor:
     b, length = ids.shape
     if k > length:
         return torch.zeros((b, length), dtype=torch.bool, device=ids.device)
-    windows = ids.unfold(1, k, 1)  # [B, L-k+1, k]
-    hit = (windows.unsqueeze(2) == seqs.view(1, 1, *seqs.shape)).all(dim=-1).any(dim=-1)
-    return F.pad(hit, (0, k - 1), value=False)
+    # Compare one marker position at a time (k is the marker length, a small constant, not the sequence
+    # length): [B, L-k+1, n] booleans instead of materialising [B, L-k+1, n, k] windows.
+    n = length - k + 1
+    hit = ids[:, :n].unsqueeze(-1) == seqs[:, 0]
+    for j in range(1, k):
+        hit &= ids[:, j : j + n].unsqueeze(-1) == seqs[:, j]
+    return F.pad(hit.any(-1), (0, k - 1), value=False)
 
 
 def _core_start(text: str, start: int, end: int) -> int:
