@@ -86,8 +86,8 @@ FIELDS: tuple[str, ...] = (
 )
 #: How each column combines across micro-batches, steps and ranks.
 REDUCTIONS: tuple[str, ...] = tuple("max" if f.startswith("max_") else "sum" for f in FIELDS)
-_MAX_COLUMNS = [i for i, r in enumerate(REDUCTIONS) if r == "max"]
-_SUM_COLUMNS = [i for i, r in enumerate(REDUCTIONS) if r == "sum"]
+_FIRST_MAX = REDUCTIONS.index("max")
+assert all(r == "max" for r in REDUCTIONS[_FIRST_MAX:]), "max-reduced columns must come last"
 
 
 class UnsupportedBatch(ValueError):
@@ -111,13 +111,6 @@ def _as_2d(name: str, t: torch.Tensor | None, shape: torch.Size | None = None) -
     if shape is not None and t.shape != shape:
         raise UnsupportedBatch(f"{name} has shape {tuple(t.shape)}, labels have {tuple(shape)}")
     return t
-
-
-def _next(t: torch.Tensor, fill: bool | int) -> torch.Tensor:
-    """t shifted left by one along the sequence (position j holds t[j+1]); the last column is `fill`."""
-    if t.dtype == torch.bool:
-        return F.pad(t[:, 1:], (0, 1), value=bool(fill))
-    return F.pad(t[:, 1:], (0, 1), value=int(fill))
 
 
 def batch_stats(
@@ -145,52 +138,63 @@ def batch_stats(
     Raises:
         UnsupportedBatch: shapes the audit cannot interpret (the caller decides whether to skip).
     """
+    # Slot j predicts the token at j+1. Without shift_labels the last position predicts nothing (never a
+    # slot), so the audit works on width seq-1 views of the unshifted tensors: no padded copies.
     if shift_labels is not None:
         targets = _as_2d("shift_labels", shift_labels)
+        full = targets.shape
+        cut = slice(None)
     else:
         lab = _as_2d("labels", labels)
-        targets = _next(lab, ignore_index)
-    shape = targets.shape
+        full = lab.shape
+        targets = lab[:, 1:]
+        cut = slice(1, None)
     device = targets.device
     dtype = stats_dtype(device)
-    attention_mask = _as_2d("attention_mask", attention_mask, shape)
-    position_ids = _as_2d("position_ids", position_ids, shape)
-    roles = _as_2d("roles", roles, shape)
+    attention_mask = _as_2d("attention_mask", attention_mask, full)
+    position_ids = _as_2d("position_ids", position_ids, full)
+    roles = _as_2d("roles", roles, full)
+    b, width = targets.shape
 
     supervised = targets != ignore_index
+    seq_sup = torch.count_nonzero(supervised, dim=1)  # count_nonzero: no int64 copy of the bool mask
+    n_sup = seq_sup.sum()
     # A slot is valid when the token it predicts is real and starts no new packed document.
+    valid = None
     if attention_mask is not None:
-        valid = _next(attention_mask.bool(), False) if shift_labels is None else attention_mask.bool()
-    else:
-        valid = torch.ones(shape, dtype=torch.bool, device=device)
-        if shift_labels is None:
-            valid[:, -1] = False
+        valid = attention_mask[:, cut] != 0
     starts = None
     if position_ids is not None:
-        starts = position_ids == 0
-        valid = valid & ~_next(starts, False)
-    slots = valid | supervised
-
-    n_slots = slots.sum()
-    n_sup = supervised.sum()
+        starts = position_ids[:, :width] == 0  # slot j's own position starts a document
+        next_start = position_ids[:, 1:] == 0
+        if shift_labels is not None:
+            next_start = F.pad(next_start, (0, 1), value=False)
+        valid = ~next_start if valid is None else valid & ~next_start
+    if valid is None:  # no padding, no packing: every slot is valid and nothing more needs reading
+        slots = None
+        seq_slots = torch.full((b,), width, dtype=torch.int64, device=device)
+        n_sup_padding = torch.zeros((), dtype=torch.int64, device=device)
+    else:
+        slots = valid | supervised
+        seq_slots = torch.count_nonzero(slots, dim=1)
+        n_sup_padding = seq_slots.sum() - torch.count_nonzero(valid)  # supervised & ~valid
+    n_slots = seq_slots.sum()
     n_masked = n_slots - n_sup
 
     # Per sequence (row, or packed document) slot and supervised counts.
-    if starts is None:
-        seq_slots = slots.sum(dim=1)
-        seq_sup = supervised.sum(dim=1)
-    else:
+    if starts is not None:
         starts = starts.clone()
-        starts[:, 0] = True
-        seg = torch.cumsum(starts.reshape(-1).to(torch.int64), 0) - 1
-        seq_slots = torch.zeros(seg.numel(), dtype=torch.int64, device=device)
+        if width:
+            starts[:, 0] = True
+        seg = torch.cumsum(starts.reshape(-1), 0) - 1
+        seq_slots = torch.zeros(starts.numel(), dtype=torch.int64, device=device)
         seq_sup = torch.zeros_like(seq_slots)
         seq_slots.scatter_add_(0, seg, slots.reshape(-1).to(torch.int64))
         seq_sup.scatter_add_(0, seg, supervised.reshape(-1).to(torch.int64))
     has_slots = seq_slots > 0
-    n_seq = has_slots.sum()
-    n_fully = (has_slots & (seq_sup == 0)).sum()
-    n_unmasked_seq = (has_slots & (seq_sup == seq_slots)).sum()
+    n_seq = torch.count_nonzero(has_slots)
+    n_fully = torch.count_nonzero(has_slots & (seq_sup == 0))
+    n_unmasked_seq = torch.count_nonzero(has_slots & (seq_sup == seq_slots))
 
     zero = torch.zeros((), dtype=dtype, device=device)
     one = torch.ones((), dtype=dtype, device=device)
@@ -207,19 +211,22 @@ def batch_stats(
         loss_cols = [zero, zero, zero, zero]
 
     if roles is not None:
-        role_t = _next(roles, ROLE_OTHER)  # role of the token each slot predicts
+        role_t = roles[:, 1:]  # role of the token each slot predicts
+        if shift_labels is not None:
+            role_t = F.pad(role_t, (0, 1), value=ROLE_OTHER)
         content = role_t == ROLE_ASSISTANT_CONTENT
         eot = role_t == ROLE_END_OF_TURN
         eot_first = eot & ~F.pad(eot[:, :-1], (1, 0), value=False)
         header = role_t == ROLE_ASSISTANT_HEADER
+        in_slot = slots if slots is not None else True
         role_cols = [
             n_sup.to(dtype),
-            (supervised & ~(content | eot | header)).sum().to(dtype),
-            (supervised & header).sum().to(dtype),
-            (content & slots).sum().to(dtype),
-            (content & supervised).sum().to(dtype),
-            (eot_first & slots).sum().to(dtype),
-            (eot_first & supervised).sum().to(dtype),
+            torch.count_nonzero(supervised & ~(content | eot | header)).to(dtype),
+            torch.count_nonzero(supervised & header).to(dtype),
+            torch.count_nonzero(content & in_slot).to(dtype),
+            torch.count_nonzero(content & supervised).to(dtype),
+            torch.count_nonzero(eot_first & in_slot).to(dtype),
+            torch.count_nonzero(eot_first & supervised).to(dtype),
         ]
     else:
         role_cols = [zero] * 7
@@ -232,7 +239,7 @@ def batch_stats(
         n_slots_f,
         n_sup.to(dtype),
         n_masked.to(dtype),
-        (supervised & ~valid).sum().to(dtype),
+        n_sup_padding.to(dtype),
         n_fully.to(dtype),
         n_unmasked_seq.to(dtype),
         (n_sup == 0).to(dtype),
@@ -245,14 +252,15 @@ def batch_stats(
 
 
 def combine(vectors: torch.Tensor) -> torch.Tensor:
-    """Reduce a ``(n, len(FIELDS))`` stack of stats vectors to one vector (sum, or max per column)."""
+    """Reduce a ``(n, len(FIELDS))`` stack of stats vectors to one vector (sum, or max per column).
+
+    Slicing only (the max columns are the trailing ones): no index tensor, no host round trip.
+    """
     if vectors.dim() != 2 or vectors.shape[1] != len(FIELDS):
         raise ValueError(f"expected (n, {len(FIELDS)}) stats vectors, got {tuple(vectors.shape)}")
     if vectors.shape[0] == 0:
         return torch.zeros(len(FIELDS), dtype=vectors.dtype, device=vectors.device)
-    out = vectors.sum(dim=0)
-    out[_MAX_COLUMNS] = vectors[:, _MAX_COLUMNS].amax(dim=0)
-    return out
+    return torch.cat([vectors[:, :_FIRST_MAX].sum(dim=0), vectors[:, _FIRST_MAX:].amax(dim=0)])
 
 
 def as_dict(vector: torch.Tensor | list[float]) -> dict[str, float]:

@@ -219,9 +219,12 @@ def test_accumulation_all_four_dead_aborts_by_default(zephyr_tokenizer, tmp_path
 def test_packing_counts_fully_masked_document(zephyr_tokenizer, tmp_path):
     examples = rows(zephyr_tokenizer, "assistant", n=4)
     examples[1] = {"input_ids": examples[1]["input_ids"], "labels": [IGNORE] * len(examples[1]["labels"])}
+    # TRL < 1 packs only input_ids / completion_mask (a labels column is dropped): give both
+    examples = [{**e, "completion_mask": [int(t != IGNORE) for t in e["labels"]]} for e in examples]
     rec = Recorder()
     cb = MaskMonitorCallback(sinks=[rec])
-    trainer, _ = sft(zephyr_tokenizer, examples, tmp_path, callbacks=[cb], bs=1, packing=True, max_length=512)
+    trainer, _ = sft(zephyr_tokenizer, examples, tmp_path, callbacks=[cb], bs=1, packing=True, max_length=512,
+                     completion_only_loss=True)
     trainer.train()
     s = cb.summary()
     # padding-free packing: documents restart position_ids at 0; the first token of each document is no target

@@ -57,7 +57,8 @@ def test_padding_and_prompt_leakage_rows(wandb_dir):  # noqa: F811
     ids = [1, 10, 11, 12, 13, 14, 15, 0, 0]
     roles = [ROLE_OTHER, ROLE_USER, ROLE_USER, ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT,
              ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_OTHER, ROLE_OTHER]
-    leaky = [X, X, 11, 12, 13, 14, 15, X, X]  # user token 11 and the header 12 are trained on
+    # user token 11 (prompt leakage) and the header 12 (counted apart, not leakage) are trained on
+    leaky = [X, X, 11, 12, 13, 14, 15, X, X]
     dead = [X] * 9
     batch = {"input_ids": [ids, [1, 10, 11, 12, 13, 14, 15, 16, 17]], "labels": [leaky, dead],
              "attention_mask": [[1] * 7 + [0, 0], [1] * 9], "roles": [roles, [ROLE_OTHER] * 9]}
@@ -68,19 +69,19 @@ def test_padding_and_prompt_leakage_rows(wandb_dir):  # noqa: F811
     run = read_run(find_run_dir(wandb_dir))
     table, html_files = table_rows(run)
     got = [{k: r[k] for k in TABLE_COLUMNS[:-1]} for r in table]
-    # leaky row: 6 real targets (tokens 1..6; padding excluded), 5 supervised, 2 of them prompt tokens
+    # leaky row: 6 real targets (tokens 1..6; padding excluded), 5 supervised, 1 of them a prompt token
     assert got == [
         {"step": 1, "rank": 0, "micro_batch": 0, "row": 1, "masked_ratio": 1.0, "supervised_tokens": 0,
          "target_tokens": 8, "fully_masked_sequences": 1, "prompt_leakage_tokens": 0, "source": "log"},
         {"step": 1, "rank": 0, "micro_batch": 0, "row": 0, "masked_ratio": pytest.approx(1 / 6),
-         "supervised_tokens": 5, "target_tokens": 6, "fully_masked_sequences": 0, "prompt_leakage_tokens": 2,
+         "supervised_tokens": 5, "target_tokens": 6, "fully_masked_sequences": 0, "prompt_leakage_tokens": 1,
          "source": "log"},
     ]
     statuses = html_statuses(html_files[table[1]["tokens"]["path"]])
-    assert statuses == ["none", "masked", "leakage", "leakage", "supervised", "supervised", "supervised",
+    assert statuses == ["none", "masked", "leakage", "supervised", "supervised", "supervised", "supervised",
                         "padding", "padding"]
     assert html_files[table[1]["tokens"]["path"]].count("[11]") == 1  # no tokenizer: ids shown
-    assert "2 prompt tokens trained on" in html_files[table[1]["tokens"]["path"]]
+    assert "1 prompt tokens trained on" in html_files[table[1]["tokens"]["path"]]
 
 
 def test_table_is_bounded_in_rows_and_tokens(wandb_dir):  # noqa: F811

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from trainer_utils import CONVERSATIONS, IGNORE, dataset, encode_pair, expected_counts, rows, tiny_llama
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from wandb_records import find_run_dir, read_run
@@ -48,6 +49,14 @@ def wandb_dir(tmp_path, monkeypatch):
     wandb.teardown()
 
 
+class SequentialTrainer(Trainer):
+    """Dataset order on every supported transformers: step k trains examples k*bs*accum... in order
+    (TrainingArguments(train_sampling_strategy=...) exists only in transformers >= 5)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
 def trainer_for(tokenizer, examples, tmp_path, cb, *, bs=1, accum=1, logging_steps=2, report_to="wandb"):
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -62,11 +71,10 @@ def trainer_for(tokenizer, examples, tmp_path, cb, *, bs=1, accum=1, logging_ste
         use_cpu=True,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        train_sampling_strategy="sequential",  # step k trains examples k*bs*accum... in dataset order
         seed=0,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
-    return Trainer(
+    return SequentialTrainer(
         model=tiny_llama(len(tokenizer)),
         args=args,
         train_dataset=dataset(examples),

@@ -592,7 +592,9 @@ def token_statuses(
     >>> token_statuses([-100, -100, 5, 6])
     ['none', 'masked', 'supervised', 'supervised']
     """
-    from ..stats import ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN  # noqa: PLC0415
+    from ..stats import ROLE_ASSISTANT_CONTENT, ROLE_ASSISTANT_HEADER, ROLE_END_OF_TURN  # noqa: PLC0415
+
+    answer = (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_ASSISTANT_HEADER)  # headers: counted apart
 
     out = ["none"]
     for j in range(1, len(labels)):
@@ -601,7 +603,7 @@ def token_statuses(
             out.append("padding")
         elif target == ignore_index:
             out.append("masked")
-        elif roles is not None and roles[j] not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN):
+        elif roles is not None and roles[j] not in answer:
             out.append("leakage")
         else:
             out.append("supervised")
