@@ -20,6 +20,13 @@ from pathlib import Path
 
 import pytest
 
+_TRL_MAJOR = int(__import__("trl").__version__.split(".")[0])
+needs_trl1 = pytest.mark.skipif(
+    _TRL_MAJOR < 1,
+    reason="expectations encode TRL >= 1, which drops fully masked examples after truncation (TRL 0.26 keeps them)",
+)
+
+
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.slow
@@ -252,6 +259,7 @@ def test_no_masking_blocks_on_prompt_leakage(tok, tok_path, data, runs, capsys):
     assert "prompt_leakage" in [w["check"] for w in rep2["warnings"]]
 
 
+@needs_trl1
 def test_all_masked(tok_path, data, runs, capsys):
     n = len(QA)
     # default max_length: TRL drops every fully masked example before training
@@ -268,6 +276,7 @@ def test_all_masked(tok_path, data, runs, capsys):
     assert_same(rep["totals"], callback_summary(tok_path, data["allmasked"], max_length=None), keys=COUNT_KEYS)
 
 
+@needs_trl1
 def test_truncated(tok, tok_path, data, runs):
     parts = [pc_parts(tok, q, a) for q, a in QA]
     limit = data["_limit"]
@@ -285,6 +294,7 @@ def test_truncated(tok, tok_path, data, runs):
     assert_same(rep["totals"], callback_summary(tok_path, data["healthy"], max_length=limit))
 
 
+@needs_trl1
 def test_packed_with_fully_masked_documents(tok_path, data, runs):
     code, rep = parse(runs["packed"].result())
     rows = data["_packed_rows"]

@@ -209,7 +209,12 @@ def test_generation_fixtures_are_the_expected_ones():
 
 @pytest.mark.parametrize("name", GENERATION)
 def test_mask_agrees_with_generation_spans(name: str):
+    import transformers
     from test_template_masks import CONVERSATIONS, render, tokenizer_for
+
+    if int(transformers.__version__.split(".")[0]) < 5 and "trl-training" in name:
+        pytest.skip("transformers < 5 builds return_assistant_tokens_mask differently at end-of-turn positions "
+                    "for TRL's training templates; the spans are checked on transformers >= 5")
 
     tok = tokenizer_for(name)
     tagger = RoleTagger.from_tokenizer(tok, detect_template(tok))
