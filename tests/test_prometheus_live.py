@@ -63,6 +63,21 @@ class Pace(TrainerCallback):
         time.sleep(self.seconds)
 
 
+class WaitScraped(TrainerCallback):
+    """Placed after MaskMonitorCallback: at train begin (its endpoint is serving by then) wait until
+    Prometheus has scraped the job once, so a loaded machine cannot make the run end before the first
+    scrape."""
+
+    def __init__(self, prom, job: str, timeout: float = 60.0):
+        self.prom, self.job, self.timeout = prom, job, timeout
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.prom.wait_for(
+            lambda: any(float(r["value"][1]) == 1 for r in self.prom.query(f'up{{job="{self.job}"}}')),
+            self.timeout, f"Prometheus to scrape {self.job}",
+        )
+
+
 def sft(tokenizer, examples, out_dir: Path, callbacks, *, epochs: int = 1, bs: int = 1):
     config = trl.SFTConfig(
         output_dir=str(out_dir),
@@ -135,7 +150,7 @@ def live(zephyr_tokenizer, tmp_path_factory) -> Live:
         # 1. healthy: prompts masked, responses supervised; 2 epochs of 8 steps
         examples = rows(tok, "assistant")
         cb = MaskMonitorCallback(prometheus_port=healthy_port, prometheus_addr="127.0.0.1", prometheus_linger_seconds=5)
-        sft(tok, examples, tmp / "healthy", [Pace(0.25), cb], epochs=2).train()
+        sft(tok, examples, tmp / "healthy", [cb, WaitScraped(prom, "mm-healthy"), Pace(0.25)], epochs=2).train()
         live.summaries["healthy"], live.examples["healthy"] = cb.summary(), examples
 
         # 2. every label -100: aborts at step 1 and lingers until scraped twice (at most 5 s)

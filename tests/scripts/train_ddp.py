@@ -87,4 +87,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: torch's gloo ProcessGroup destructor can deadlock at exit against its own
+    # runloop thread (seen here: ~ProcessGroupGloo waiting while the runloop waits for the GIL).
+    os._exit(code)
