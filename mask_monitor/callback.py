@@ -319,14 +319,14 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         if window is None:
             return
         self.sinks.call("on_log", window)
-        wanting = [s for s in self.sinks.sinks if s.wants_batches]
-        if wanting and self.last_report is not None:
+        if any(s.wants_batches for s in self.sinks.sinks) and self.last_report is not None:
             try:
                 rows = self.auditor.evidence_rows_of_last_step()  # one read-back per logging step
             except Exception as exc:  # noqa: BLE001
                 self._warn_once("rows", "mask-monitor: could not read batch rows for sinks: %s", exc)
                 return
-            SinkGroup(wanting).call("on_micro_batch_rows", self.last_report, rows)
+            # the run's own group: its warn-once guard holds across logging steps (other sinks no-op)
+            self.sinks.call("on_micro_batch_rows", self.last_report, rows)
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self._active:

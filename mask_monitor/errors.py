@@ -133,10 +133,13 @@ def explain(reason: str, numbers: Mapping[str, object]) -> str:
 
 
 class _Defaulting(dict):
+    """Numbers for message templates: whole counts as ints, ratios kept as floats, unknown keys as '?'."""
+
     def __init__(self, numbers: Mapping[str, object]):
         super().__init__()
         for k, v in numbers.items():
-            self[k] = int(v) if isinstance(v, float) and v.is_integer() and k != "share" else v
+            whole = isinstance(v, float) and v.is_integer() and k not in ("share", "threshold")
+            self[k] = int(v) if whole else v
 
     def __missing__(self, key: str) -> str:
         return "?"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 
 from .config import MonitorConfig
-from .errors import ABORT_REASONS, explain
+from .errors import ABORT_REASONS, _Defaulting, explain
 from .reports import StepReport
 from .sinks.base import Finding
 
@@ -81,7 +81,7 @@ class Policy:
                 return
             nums = {**numbers, **(extra or {})}
             if check in _WARN_TEXT:
-                message = "mask-monitor [" + check + "]: " + _WARN_TEXT[check].format_map(_Safe(nums))
+                message = "mask-monitor [" + check + "]: " + _WARN_TEXT[check].format_map(_Defaulting(nums))
             else:
                 message = explain(check, nums)
             out.append(Finding(check, action, step, message, nums))
@@ -135,12 +135,3 @@ def first_abort(findings: list[Finding]) -> Finding | None:
     order = {r: i for i, r in enumerate(ABORT_REASONS)}
     return min(aborts, key=lambda f: order.get(f.check, len(order)))
 
-
-class _Safe(dict):
-    def __init__(self, numbers: dict):
-        super().__init__()
-        for k, v in numbers.items():
-            self[k] = int(v) if isinstance(v, float) and v.is_integer() and k not in ("share", "threshold") else v
-
-    def __missing__(self, key: str) -> str:
-        return "?"
