@@ -29,6 +29,12 @@ Run::
     python benchmarks/overhead.py --config tiny --rounds 5 --steps 6
     python benchmarks/overhead.py --config small --rounds 2 --steps 2      # minutes per step on 2 cores
     python benchmarks/overhead.py --config cuda --rounds 5 --steps 10      # needs a GPU
+    python benchmarks/overhead.py --config small --paired 6                 # paired A B B A steps, one train()
+
+``--paired N`` is the low-noise end-to-end measure on a shared machine: one ``train()`` per monitor arm,
+the monitor switched off and on per step in N blocks of A B B A, reporting the ratio of medians and the
+median per-block ratio with a bootstrap 95% interval, on the wall clock and on the process CPU clock
+(CPU seconds of all threads: time the VM's other tenants steal from this process does not count).
 """
 
 from __future__ import annotations
@@ -72,7 +78,9 @@ class StepTimer(TrainerCallback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU seconds (all threads) per step: blind to CPU steal
         self._t0 = 0.0
+        self._c0 = 0.0
 
     def _sync(self) -> None:
         if torch.cuda.is_available():
@@ -81,10 +89,12 @@ class StepTimer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         self._sync()
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
 
     def on_step_end(self, args, state, control, **kw):
         self._sync()
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu_times.append(time.process_time() - self._c0)
 
 
 class TimedMonitor(MaskMonitorCallback):
@@ -116,6 +126,104 @@ class TimedMonitor(MaskMonitorCallback):
 
     def on_log(self, *args: Any, **kwargs: Any):
         return self._timed(super().on_log, *args, **kwargs)
+
+
+class GatedMonitor(TimedMonitor):
+    """The timed callback, switched off for the baseline steps of a paired run (``--paired``).
+
+    Off, its hook returns at once (one Python call per forward, about a microsecond: it makes the
+    baseline a hair slower, so the measured overhead is, if anything, understated by that much) and the
+    step close is skipped; on, it is exactly the real callback. ``own_seconds`` counts on-steps only.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate_on = True
+        self.active_steps = 0
+
+    def _forward_hook(self, *args: Any) -> None:
+        if self.gate_on:
+            return super()._forward_hook(*args)
+        return None
+
+    def _close_step(self, step: int) -> None:
+        if self.gate_on:
+            self.active_steps += 1
+            return super()._close_step(step)
+        self._audited_step = step  # nothing to close: this step ran without the monitor
+
+
+class PairedSchedule(StepTimer):
+    """Times every step and switches the monitor per step in A B B A blocks (A = off, B = on).
+
+    Adjacent steps of one ``train()`` see the same machine state, so slow drift and the load of other
+    processes cancel within each block of four; the order within a block is mirrored so a linear trend
+    cancels too.
+    """
+
+    PATTERN = (False, True, True, False)
+
+    def __init__(self, monitor: GatedMonitor, warmup: int) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.warmup = warmup
+        self.on: list[bool] = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        k = state.global_step - self.warmup
+        self.monitor.gate_on = True if k < 0 else self.PATTERN[k % 4]
+        self.on.append(self.monitor.gate_on)
+        super().on_step_begin(args, state, control, **kw)
+
+
+def run_paired(arm: str, model, data, tok, cfg: dict[str, Any], blocks: int, warmup: int, out_dir: str,
+               seed: int = 0) -> dict[str, Any]:
+    """One ``train()`` of ``warmup + 4 * blocks`` steps, the monitor on in the B steps of each A B B A block.
+
+    Returns the median step time with and without the monitor, their ratio, the ratio of every block
+    ((B1 + B2) / (A1 + A2)) with their median and a bootstrap 95% interval of that median, and the
+    monitor's own time per on-step.
+    """
+    import random
+
+    from datasets import Dataset
+
+    if arm == "monitor":
+        cb = GatedMonitor(template=None, wandb=False)
+    else:
+        from mask_monitor.templates import detect_template
+
+        cb = GatedMonitor(template=detect_template(tok), tokenizer=tok, wandb=False)
+    timer = PairedSchedule(cb, warmup)
+    steps = warmup + 4 * blocks
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=cfg["batch"], max_steps=steps, learning_rate=1e-5,
+        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
+        use_cpu=cfg["device"] == "cpu", bf16=cfg["bf16"], dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(data), callbacks=[timer, cb])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    if cb.summary()["micro_batches"] != warmup + 2 * blocks:
+        raise RuntimeError(f"the monitor audited {cb.summary()['micro_batches']} micro-batches, expected "
+                           f"{warmup + 2 * blocks} (warm-up + the on-steps)")
+    on = timer.on[warmup:]
+    rng = random.Random(seed)
+    out: dict[str, Any] = {"arm": arm, "blocks": blocks,
+                           "monitor_ms_per_on_step": cb.own_seconds / max(cb.active_steps, 1) * 1e3}
+    for clock, series in (("wall", timer.times[warmup:]), ("cpu", timer.cpu_times[warmup:])):
+        off_t = [t for t, o in zip(series, on, strict=True) if not o]
+        on_t = [t for t, o in zip(series, on, strict=True) if o]
+        ratios = [(series[4 * i + 1] + series[4 * i + 2]) / (series[4 * i] + series[4 * i + 3]) for i in range(blocks)]
+        boot = sorted(statistics.median(rng.choices(ratios, k=blocks)) for _ in range(2000))
+        out[clock] = {
+            "step_ms_off": [t * 1e3 for t in off_t], "step_ms_on": [t * 1e3 for t in on_t],
+            "median_ms_off": statistics.median(off_t) * 1e3, "median_ms_on": statistics.median(on_t) * 1e3,
+            "ratio_of_medians": statistics.median(on_t) / statistics.median(off_t),
+            "block_ratios": ratios, "median_block_ratio": statistics.median(ratios),
+            "block_ratio_ci95": [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]],
+        }
+    return out
 
 
 def load_tokenizer():
@@ -229,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     ap.add_argument("--memory", action="store_true", help="CPU: also the peak RSS of one subprocess per arm")
     ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument("--paired", type=int, metavar="BLOCKS",
+                    help="instead of separate train() calls per arm: ONE train() per monitor arm with the monitor "
+                         "switched per step in BLOCKS blocks of A B B A (off on on off); the low-noise end-to-end "
+                         "ratio on a shared machine")
     ap.add_argument("--child-arm", choices=ARMS, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     logging.getLogger("mask_monitor").setLevel(logging.ERROR)  # the benchmark data trips warn checks
@@ -251,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ImportError, LookupError) as exc:
             skipped["template"] = f"{type(exc).__name__}: {exc}"
             arms.remove("template")
-    data = make_rows(tok, cfg["batch"] * (a.steps + a.warmup), cfg["seq"], vocab)
+    n_steps = a.warmup + 4 * a.paired if a.paired else a.steps + a.warmup
+    data = make_rows(tok, cfg["batch"] * n_steps, cfg["seq"], vocab)
     model = build_model(cfg, vocab)
+    if a.paired:
+        return paired_main(a, cfg, arms, skipped, model, data, tok)
     with tempfile.TemporaryDirectory() as tmp:
         if a.child_arm:
             run_arm(a.child_arm, model, data, tok, cfg, a.steps, tmp, warmup=0)
@@ -305,6 +420,39 @@ def main(argv: list[str] | None = None) -> int:
               f"{frac_s:>25}")
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def paired_main(a: argparse.Namespace, cfg: dict[str, Any], arms: list[str], skipped: dict[str, str], model, data,
+                tok) -> int:
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"machine: {machine()}")
+    print(f"config {a.config}: {n_params / 1e6:.1f}M parameters, batch {cfg['batch']} x seq {cfg['seq']}, "
+          f"device {cfg['device']}; paired: one train() per arm, {a.paired} blocks of A B B A "
+          f"(+{a.warmup} warm-up step(s))")
+    for arm, why in skipped.items():
+        print(f"arm {arm} skipped: {why}")
+    results = []
+    for arm in [x for x in arms if x != "baseline"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_paired(arm, model, data, tok, cfg, a.paired, a.warmup, tmp)
+        results.append(r)
+        for clock in ("wall", "cpu"):
+            for side in ("off", "on"):
+                print(f"  {arm:>9} {clock:>4} {side:>3}: " + " ".join(f"{x:.1f}" for x in r[clock][f"step_ms_{side}"])
+                      + " ms", flush=True)
+    print("\n      arm clock   median off ms   median on ms   ratio of medians   median block ratio [95% CI]"
+          "   monitor ms/on-step")
+    for r in results:
+        for clock in ("wall", "cpu"):
+            c = r[clock]
+            lo, hi = c["block_ratio_ci95"]
+            print(f"{r['arm']:>9} {clock:>5} {c['median_ms_off']:>15.2f} {c['median_ms_on']:>14.2f} "
+                  f"{c['ratio_of_medians']:>18.4f} {c['median_block_ratio']:>12.4f} [{lo:.4f}, {hi:.4f}] "
+                  f"{r['monitor_ms_per_on_step']:>14.3f}")
+    if a.json:
+        a.json.write_text(json.dumps({"machine": machine(), "config": a.config, "params": n_params,
+                                      "skipped": skipped, "paired": results}, indent=2))
     return 0
 
 

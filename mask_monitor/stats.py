@@ -30,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,11 @@ __all__ = [
     "ROLE_END_OF_TURN",
     "ROLE_NAMES",
     "UnsupportedBatch",
+    "SEQUENCE_FIELDS",
+    "SLOT_STATUSES",
     "batch_stats",
+    "sequence_stats",
+    "slot_status",
     "combine",
     "as_dict",
     "stats_dtype",
@@ -113,6 +119,76 @@ def _as_2d(name: str, t: torch.Tensor | None, shape: torch.Size | None = None) -
     return t
 
 
+class _Slots(NamedTuple):
+    """The loss's view of one micro-batch: one column per target slot (``width`` of them per row)."""
+
+    supervised: torch.Tensor  # (b, width) bool: the target is not ignore_index
+    valid: torch.Tensor | None  # (b, width) bool: the target is a real, same-document token; None = all are
+    starts: torch.Tensor | None  # (b, width) bool: the slot's own position starts a packed document
+    role_t: torch.Tensor | None  # (b, width) role code of the token each slot predicts
+    seq_len: int  # input positions per row
+
+
+def _slots(
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    shift_labels: torch.Tensor | None,
+    roles: torch.Tensor | None,
+    ignore_index: int,
+) -> _Slots:
+    """The definitions every count in this module (and the audit's per-sequence table) is made of.
+
+    Slot ``j`` predicts input token ``j + 1``. Without ``shift_labels`` the last input position predicts
+    nothing, so slots are width ``seq - 1`` views of the unshifted tensors (no padded copies). With
+    ``shift_labels`` (width ``seq``) the same rules apply to the same tokens: the last column has no
+    known next token, so it is a slot only when supervised. Either form of one batch counts the same.
+    """
+    if shift_labels is not None:
+        targets = _as_2d("shift_labels", shift_labels)
+        full = targets.shape
+    else:
+        lab = _as_2d("labels", labels)
+        full = lab.shape
+        targets = lab[:, 1:]
+    attention_mask = _as_2d("attention_mask", attention_mask, full)
+    position_ids = _as_2d("position_ids", position_ids, full)
+    roles = _as_2d("roles", roles, full)
+    b, width = targets.shape
+    shifted = shift_labels is not None
+
+    def next_tok(t: torch.Tensor, fill: bool | int) -> torch.Tensor:  # value at j + 1, per slot j
+        return F.pad(t[:, 1:], (0, 1), value=fill) if shifted else t[:, 1:]
+
+    valid = None
+    if attention_mask is not None:
+        valid = next_tok(attention_mask != 0, False)
+    starts = None
+    if position_ids is not None:
+        starts = position_ids[:, :width] == 0
+        crosses = next_tok(position_ids == 0, False)
+        valid = ~crosses if valid is None else valid & ~crosses
+    if shifted and valid is None:  # the last column's next token is unknown: a slot only if supervised
+        valid = torch.ones((b, width), dtype=torch.bool, device=targets.device)
+        if width:
+            valid[:, -1] = False
+    elif shifted and attention_mask is None and width:
+        valid[:, -1] = False
+    role_t = next_tok(roles, ROLE_OTHER) if roles is not None else None
+    return _Slots(targets != ignore_index, valid, starts, role_t, full[1])
+
+
+def _role_masks(role_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slots predicting: assistant content; the first token of an assistant end of turn; an assistant
+    header; any part of an assistant answer (content, end of turn, header: supervising anything else is
+    prompt leakage; headers are counted apart, see ``supervised_header_tokens``)."""
+    content = role_t == ROLE_ASSISTANT_CONTENT
+    eot = role_t == ROLE_END_OF_TURN
+    eot_first = eot & ~F.pad(eot[:, :-1], (1, 0), value=False)
+    header = role_t == ROLE_ASSISTANT_HEADER
+    return content, eot_first, header, content | eot | header
+
+
 def batch_stats(
     labels: torch.Tensor,
     *,
@@ -138,38 +214,14 @@ def batch_stats(
     Raises:
         UnsupportedBatch: shapes the audit cannot interpret (the caller decides whether to skip).
     """
-    # Slot j predicts the token at j+1. Without shift_labels the last position predicts nothing (never a
-    # slot), so the audit works on width seq-1 views of the unshifted tensors: no padded copies.
-    if shift_labels is not None:
-        targets = _as_2d("shift_labels", shift_labels)
-        full = targets.shape
-        cut = slice(None)
-    else:
-        lab = _as_2d("labels", labels)
-        full = lab.shape
-        targets = lab[:, 1:]
-        cut = slice(1, None)
-    device = targets.device
+    view = _slots(labels, attention_mask, position_ids, shift_labels, roles, ignore_index)
+    supervised, valid, starts = view.supervised, view.valid, view.starts
+    device = supervised.device
     dtype = stats_dtype(device)
-    attention_mask = _as_2d("attention_mask", attention_mask, full)
-    position_ids = _as_2d("position_ids", position_ids, full)
-    roles = _as_2d("roles", roles, full)
-    b, width = targets.shape
+    b, width = supervised.shape
 
-    supervised = targets != ignore_index
     seq_sup = torch.count_nonzero(supervised, dim=1)  # count_nonzero: no int64 copy of the bool mask
     n_sup = seq_sup.sum()
-    # A slot is valid when the token it predicts is real and starts no new packed document.
-    valid = None
-    if attention_mask is not None:
-        valid = attention_mask[:, cut] != 0
-    starts = None
-    if position_ids is not None:
-        starts = position_ids[:, :width] == 0  # slot j's own position starts a document
-        next_start = position_ids[:, 1:] == 0
-        if shift_labels is not None:
-            next_start = F.pad(next_start, (0, 1), value=False)
-        valid = ~next_start if valid is None else valid & ~next_start
     if valid is None:  # no padding, no packing: every slot is valid and nothing more needs reading
         slots = None
         seq_slots = torch.full((b,), width, dtype=torch.int64, device=device)
@@ -183,14 +235,9 @@ def batch_stats(
 
     # Per sequence (row, or packed document) slot and supervised counts.
     if starts is not None:
-        starts = starts.clone()
-        if width:
-            starts[:, 0] = True
-        seg = torch.cumsum(starts.reshape(-1), 0) - 1
-        seq_slots = torch.zeros(starts.numel(), dtype=torch.int64, device=device)
-        seq_sup = torch.zeros_like(seq_slots)
-        seq_slots.scatter_add_(0, seg, slots.reshape(-1).to(torch.int64))
-        seq_sup.scatter_add_(0, seg, supervised.reshape(-1).to(torch.int64))
+        seg = _segment_ids(starts)
+        seq_slots = _per_segment(seg, slots if slots is not None else torch.ones_like(supervised))
+        seq_sup = _per_segment(seg, supervised)
     has_slots = seq_slots > 0
     n_seq = torch.count_nonzero(has_slots)
     n_fully = torch.count_nonzero(has_slots & (seq_sup == 0))
@@ -210,18 +257,12 @@ def batch_stats(
     else:
         loss_cols = [zero, zero, zero, zero]
 
-    if roles is not None:
-        role_t = roles[:, 1:]  # role of the token each slot predicts
-        if shift_labels is not None:
-            role_t = F.pad(role_t, (0, 1), value=ROLE_OTHER)
-        content = role_t == ROLE_ASSISTANT_CONTENT
-        eot = role_t == ROLE_END_OF_TURN
-        eot_first = eot & ~F.pad(eot[:, :-1], (1, 0), value=False)
-        header = role_t == ROLE_ASSISTANT_HEADER
+    if view.role_t is not None:
+        content, eot_first, header, answer = _role_masks(view.role_t)
         in_slot = slots if slots is not None else True
         role_cols = [
             n_sup.to(dtype),
-            torch.count_nonzero(supervised & ~(content | eot | header)).to(dtype),
+            torch.count_nonzero(supervised & ~answer).to(dtype),
             torch.count_nonzero(supervised & header).to(dtype),
             torch.count_nonzero(content & in_slot).to(dtype),
             torch.count_nonzero(content & supervised).to(dtype),
@@ -249,6 +290,156 @@ def batch_stats(
         max_ratio,
     ]
     return torch.stack(cols)
+
+
+def _segment_ids(starts: torch.Tensor) -> torch.Tensor:
+    """Flat index of the sequence (row, or packed document) each position belongs to."""
+    starts = starts.clone()
+    if starts.shape[1]:
+        starts[:, 0] = True  # a row always starts a sequence: documents never span rows
+    return torch.cumsum(starts.reshape(-1), 0) - 1
+
+
+def _per_segment(seg: torch.Tensor, mask: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """How many positions of each segment ``mask`` marks (length ``n``, default one per position)."""
+    out = torch.zeros(seg.numel() if n is None else n, dtype=torch.int64, device=seg.device)
+    return out.scatter_add_(0, seg, mask.reshape(-1).to(torch.int64))
+
+
+#: Per-sequence columns of :func:`sequence_stats`: each sums, over sequences, to the same-named field.
+SEQUENCE_FIELDS: tuple[str, ...] = (
+    "target_tokens",
+    "supervised_tokens",
+    "supervised_padding_tokens",
+    "prompt_leakage_tokens",
+    "supervised_header_tokens",
+    "assistant_content_tokens",
+    "supervised_assistant_content_tokens",
+    "assistant_turns",
+    "supervised_eot_turns",
+)
+
+
+def sequence_stats(
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    roles: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """The counts of :func:`batch_stats` split by sequence (a row, or a packed document).
+
+    For audits and evidence, not for the training hot path: it reads the number of sequences back to
+    the host. Returns 1-D tensors with one entry per sequence that has at least one target slot: the
+    columns of :data:`SEQUENCE_FIELDS` (each sums to the same-named :func:`batch_stats` field; a
+    sequence is fully masked when ``supervised_tokens == 0``), plus ``row``, ``start`` and ``end`` (its
+    input positions ``[start, end)`` in that row, trailing right padding excluded) and ``segment``
+    (its index among all rows and documents of the batch, empty ones included).
+
+    Example:
+        >>> import torch
+        >>> t = sequence_stats(torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]]))
+        >>> t["target_tokens"].tolist(), t["supervised_tokens"].tolist(), t["end"].tolist()
+        ([3, 3], [2, 0], [4, 4])
+    """
+    view = _slots(labels, attention_mask, position_ids, shift_labels, roles, ignore_index)
+    supervised, valid = view.supervised, view.valid
+    n_rows, width = supervised.shape
+    length = view.seq_len
+    if width < length:  # unshifted: give the last input position its (never valid) slot column
+        supervised = F.pad(supervised, (0, 1), value=False)
+        valid = F.pad(valid, (0, 1), value=False) if valid is not None else None
+    if valid is None:
+        valid = torch.ones_like(supervised)
+        if width < length:
+            valid[:, -1] = False
+    slots = valid | supervised
+    if position_ids is not None:
+        starts = _as_2d("position_ids", position_ids) == 0
+    else:
+        starts = torch.zeros_like(supervised)
+    seg = _segment_ids(starts)
+    first = seg.new_ones(1, dtype=torch.bool) if seg.numel() else seg.new_zeros(0, dtype=torch.bool)
+    is_start = torch.cat([first, seg[1:] != seg[:-1]])
+    start_flat = torch.nonzero(is_start).flatten()
+    n_seg = int(start_flat.numel())
+    row = start_flat // length
+    start = start_flat % length
+    end = torch.cat([start_flat[1:], start_flat.new_tensor([n_rows * length])]) - row * length
+    end = end.clamp(max=length)
+    if attention_mask is not None and position_ids is None:  # right padding: the row ends at its last token
+        real = _as_2d("attention_mask", attention_mask).sum(dim=1).to(torch.int64)
+        end = torch.minimum(end, real[row].clamp(min=1))
+
+    def per_seg(mask: torch.Tensor) -> torch.Tensor:
+        return _per_segment(seg, mask, n_seg)
+
+    table = {
+        "target_tokens": per_seg(slots),
+        "supervised_tokens": per_seg(supervised),
+        "supervised_padding_tokens": per_seg(supervised & ~valid),
+    }
+    if view.role_t is not None:
+        role_t = view.role_t if width == length else F.pad(view.role_t, (0, 1), value=ROLE_OTHER)
+        content, eot_first, header, answer = _role_masks(role_t)
+        table["prompt_leakage_tokens"] = per_seg(supervised & ~answer)
+        table["supervised_header_tokens"] = per_seg(supervised & header)
+        table["assistant_content_tokens"] = per_seg(content & slots)
+        table["supervised_assistant_content_tokens"] = per_seg(content & supervised)
+        table["assistant_turns"] = per_seg(eot_first & slots)
+        table["supervised_eot_turns"] = per_seg(eot_first & supervised)
+    else:
+        for k in SEQUENCE_FIELDS[3:]:
+            table[k] = torch.zeros(n_seg, dtype=torch.int64, device=seg.device)
+    keep = table["target_tokens"] > 0
+    out = {k: v[keep] for k, v in table.items()}
+    out["row"] = row[keep]
+    out["start"] = start[keep]
+    out["end"] = end[keep]
+    out["segment"] = torch.arange(n_seg, device=seg.device)[keep]
+    return out
+
+
+def slot_status(
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    roles: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per *input* token, what the loss does with it, as codes into :data:`SLOT_STATUSES`.
+
+    Token ``j`` is the target of slot ``j - 1`` (token 0 is nobody's target: ``none``). The rules are
+    :func:`batch_stats`' own: ``supervised`` / ``leakage`` (supervised, but not part of an assistant
+    answer by the template's roles) / ``masked`` (a target slot set to ``ignore_index``) / ``padding``
+    (not a slot: padding, or the first token of the next packed document) / ``none``. For display.
+
+    Example:
+        >>> import torch
+        >>> [SLOT_STATUSES[c] for c in slot_status(torch.tensor([-100, -100, 5, 6]))[0].tolist()]
+        ['none', 'masked', 'supervised', 'supervised']
+    """
+    view = _slots(labels, attention_mask, position_ids, shift_labels, roles, ignore_index)
+    supervised = view.supervised
+    code = torch.full_like(supervised, SLOT_STATUSES.index("masked"), dtype=torch.int8)
+    if view.valid is not None:
+        code[~(view.valid | supervised)] = SLOT_STATUSES.index("padding")
+    code[supervised] = SLOT_STATUSES.index("supervised")
+    if view.role_t is not None:
+        answer = _role_masks(view.role_t)[3]
+        code[supervised & ~answer] = SLOT_STATUSES.index("leakage")
+    n_rows = supervised.shape[0]
+    out = torch.full((n_rows, view.seq_len), SLOT_STATUSES.index("none"), dtype=torch.int8, device=code.device)
+    out[:, 1:] = code[:, : view.seq_len - 1]
+    return out
+
+
+#: Names of the codes :func:`slot_status` returns.
+SLOT_STATUSES: tuple[str, ...] = ("none", "supervised", "masked", "leakage", "padding")
 
 
 def combine(vectors: torch.Tensor) -> torch.Tensor:

@@ -9,19 +9,17 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("trl")
 
 from mask_monitor.audit import counting, data, report  # noqa: E402
-from mask_monitor.audit.counting import TABLE_TO_FIELD, sequence_table  # noqa: E402
 from mask_monitor.audit.data import load_data  # noqa: E402
 from mask_monitor.audit.pipeline import AuditOptions, judge, run_audit  # noqa: E402
 from mask_monitor.audit.prepare import PreStats  # noqa: E402
 from mask_monitor.cli._errors import UsageError  # noqa: E402
 from mask_monitor.config import MonitorConfig  # noqa: E402
-from mask_monitor.stats import FIELDS, as_dict, batch_stats  # noqa: E402
+from mask_monitor.stats import FIELDS  # noqa: E402
 
 _TRL_MAJOR = int(__import__("trl").__version__.split(".")[0])
 needs_trl1 = pytest.mark.skipif(
@@ -37,55 +35,6 @@ TOKENIZER = "TinyLlama-1.1B-Chat-v1.0__composed"
 @pytest.mark.parametrize("module", [counting, data, report])
 def test_docstring_examples(module):
     assert doctest.testmod(module, raise_on_error=False).failed == 0
-
-
-# ------------------------------------------------------------------------------------ per-sequence table
-def _random_batch(rng: random.Random, packed: bool):
-    b, length = rng.randint(1, 4), rng.randint(2, 24)
-    labels = torch.tensor([[rng.choice([IGNORE, IGNORE, 7, 8]) for _ in range(length)] for _ in range(b)])
-    roles = torch.tensor([[rng.randint(0, 5) for _ in range(length)] for _ in range(b)])
-    if packed:
-        pos = []
-        for _ in range(b):
-            row, p = [], 0
-            for _ in range(length):
-                row.append(p)
-                p = 0 if rng.random() < 0.2 else p + 1
-            pos.append(row)
-        return {"labels": labels, "position_ids": torch.tensor(pos), "roles": roles}
-    lens = [rng.randint(1, length) for _ in range(b)]
-    mask = torch.tensor([[1] * n + [0] * (length - n) for n in lens])
-    return {"labels": labels, "attention_mask": mask, "roles": roles}
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_sequence_table_adds_up_to_batch_stats(packed):
-    rng = random.Random(1 if packed else 0)
-    for _ in range(200):
-        batch = _random_batch(rng, packed)
-        stats = as_dict(batch_stats(batch["labels"], attention_mask=batch.get("attention_mask"),
-                                    position_ids=batch.get("position_ids"), roles=batch["roles"]))
-        table = sequence_table(batch["labels"], attention_mask=batch.get("attention_mask"),
-                               position_ids=batch.get("position_ids"), roles=batch["roles"])
-        for col, name in TABLE_TO_FIELD.items():
-            assert int(table[col].sum()) == stats[name], (col, batch)
-        assert len(table["slots"]) == stats["sequences"]
-        assert int((table["supervised"] == 0).sum()) == stats["fully_masked_sequences"]
-        assert int((table["supervised"] == table["slots"]).sum()) == stats["unmasked_sequences"]
-
-
-def test_sequence_table_rows_by_hand():
-    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE], [IGNORE, 3, 4, IGNORE, IGNORE]])
-    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
-    t = sequence_table(labels, attention_mask=mask)
-    # row 0: targets at slots 0..2 (labels[1:4]); row 1: slots 0..1 (labels[1:3])
-    assert t["slots"].tolist() == [3, 2] and t["supervised"].tolist() == [2, 2]
-    assert t["start"].tolist() == [0, 0] and t["end"].tolist() == [4, 3]
-    packed = sequence_table(torch.tensor([[IGNORE, 5, 6, IGNORE, IGNORE, 9]]),
-                            position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
-    # documents [0:3] and [3:6]: the target across the boundary is not a slot
-    assert packed["slots"].tolist() == [2, 2] and packed["supervised"].tolist() == [2, 1]
-    assert packed["start"].tolist() == [0, 3] and packed["end"].tolist() == [3, 6]
 
 
 def test_pre_stats_arrow_equals_lists():

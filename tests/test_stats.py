@@ -16,9 +16,13 @@ from mask_monitor.stats import (
     ROLE_ASSISTANT_HEADER,
     ROLE_END_OF_TURN,
     ROLE_USER,
+    SEQUENCE_FIELDS,
+    SLOT_STATUSES,
     UnsupportedBatch,
     as_dict,
     combine,
+    sequence_stats,
+    slot_status,
 )
 
 IGN = -100
@@ -39,7 +43,11 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                 seqs.append(cur)
             if shift_labels is not None:
                 tgt = shift_labels[b][j]
-                real = attention[b][j] if attention is not None else True
+                # the token predicted is j + 1; past the last column it is unknown (a slot only if supervised)
+                if j + 1 < L:
+                    real = attention[b][j + 1] if attention is not None else True
+                else:
+                    real = False
                 boundary = position_ids is not None and j + 1 < L and position_ids[b][j + 1] == 0
             else:
                 if j == L - 1:
@@ -181,7 +189,101 @@ def test_random_batches_match_reference():
             kw["position_ids"] = pos
         if rng.random() < 0.5:
             kw["roles"] = [[rng.randint(0, 5) for _ in range(L)] for _ in range(B)]
+        if rng.random() < 0.3:  # already shifted targets (context parallelism): any values, any masks
+            kw["shift_labels"] = [[rng.choice([IGN, rng.randint(0, 50)]) for _ in range(L)] for _ in range(B)]
         check(labels, **kw)
+
+
+def _random_tensors(rng: random.Random, roles: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random labels (width 1..12) with, at random, right padding and packed documents; roles if asked."""
+    B, L = rng.randint(1, 4), rng.randint(1, 12)
+    labels = torch.tensor([[rng.choice([IGN, IGN, rng.randint(0, 50)]) for _ in range(L)] for _ in range(B)])
+    kw = {}
+    if rng.random() < 0.5:
+        kw["attention_mask"] = torch.tensor([[int(j < n) for j in range(L)] for n in
+                                             (rng.randint(0, L) for _ in range(B))])
+    if rng.random() < 0.5:
+        kw["position_ids"] = torch.tensor([[0 if j == 0 or rng.random() < 0.25 else 1 for j in range(L)]
+                                           for _ in range(B)])
+    if roles:
+        kw["roles"] = torch.tensor([[rng.randint(0, 5) for _ in range(L)] for _ in range(B)])
+    return labels, kw
+
+
+def test_shifted_and_unshifted_forms_of_one_batch_count_the_same():
+    """shift_labels = labels[:, 1:] + [ignore] is the same batch: every field must agree."""
+    rng = random.Random(7)
+    for _ in range(300):
+        labels, kw = _random_tensors(rng, roles=rng.random() < 0.5)
+        B = labels.shape[0]
+        shifted = torch.cat([labels[:, 1:], torch.full((B, 1), IGN)], dim=1)
+        a = batch_stats(labels, **kw)
+        b = batch_stats(torch.zeros_like(labels), shift_labels=shifted, **kw)
+        assert torch.equal(a, b), (labels, kw)
+        sa = sequence_stats(labels, **kw)
+        sb = sequence_stats(torch.zeros_like(labels), shift_labels=shifted, **kw)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), (labels, kw)
+        assert torch.equal(slot_status(labels, **kw), slot_status(labels, shift_labels=shifted, **kw))
+
+
+def _statuses_by_hand(labels, attention=None, position_ids=None, roles=None):
+    """Per input token, in words: the slot rules spelled out one token at a time."""
+    out = ["none"]
+    for j in range(1, len(labels)):
+        real = attention is None or attention[j] == 1
+        crosses = position_ids is not None and position_ids[j] == 0
+        sup = labels[j] != IGN
+        if sup and roles is not None and roles[j] not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN,
+                                                          ROLE_ASSISTANT_HEADER):
+            out.append("leakage")
+        elif sup:
+            out.append("supervised")
+        elif real and not crosses:
+            out.append("masked")
+        else:
+            out.append("padding")
+    return out
+
+
+def test_slot_status_follows_the_slot_rules():
+    rng = random.Random(11)
+    for _ in range(200):
+        L = rng.randint(1, 10)
+        labels = [rng.choice([IGN, rng.randint(0, 9)]) for _ in range(L)]
+        attn = [int(j < rng.randint(0, L)) for j in range(L)] if rng.random() < 0.5 else None
+        pos = [0 if j == 0 or rng.random() < 0.3 else 1 for j in range(L)] if rng.random() < 0.5 else None
+        roles = [rng.randint(0, 5) for _ in range(L)] if rng.random() < 0.5 else None
+        t = {k: torch.tensor([v]) for k, v in
+             (("attention_mask", attn), ("position_ids", pos), ("roles", roles)) if v is not None}
+        got = [SLOT_STATUSES[c] for c in slot_status(torch.tensor([labels]), **t)[0].tolist()]
+        assert got == _statuses_by_hand(labels, attn, pos, roles), (labels, attn, pos, roles)
+
+
+def test_sequence_stats_add_up_to_batch_stats():
+    rng = random.Random(5)
+    for _ in range(300):
+        labels, kw = _random_tensors(rng, roles=True)
+        stats = as_dict(batch_stats(labels, **kw))
+        table = sequence_stats(labels, **kw)
+        for name in SEQUENCE_FIELDS:
+            assert int(table[name].sum()) == stats[name], (name, labels, kw)
+        assert len(table["target_tokens"]) == stats["sequences"]
+        assert int((table["supervised_tokens"] == 0).sum()) == stats["fully_masked_sequences"]
+        assert int((table["supervised_tokens"] == table["target_tokens"]).sum()) == stats["unmasked_sequences"]
+
+
+def test_sequence_stats_by_hand():
+    labels = torch.tensor([[IGN, IGN, 5, 6, IGN], [IGN, 3, 4, IGN, IGN]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    t = sequence_stats(labels, attention_mask=mask)
+    # row 0: targets at slots 0..2 (labels[1:4]); row 1: slots 0..1 (labels[1:3])
+    assert t["target_tokens"].tolist() == [3, 2] and t["supervised_tokens"].tolist() == [2, 2]
+    assert t["start"].tolist() == [0, 0] and t["end"].tolist() == [4, 3]
+    packed = sequence_stats(torch.tensor([[IGN, 5, 6, IGN, IGN, 9]]), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    # documents [0:3] and [3:6]: the target across the boundary is not a slot
+    assert packed["target_tokens"].tolist() == [2, 2] and packed["supervised_tokens"].tolist() == [2, 1]
+    assert packed["start"].tolist() == [0, 3] and packed["end"].tolist() == [3, 6]
+    assert packed["segment"].tolist() == [0, 1] and packed["row"].tolist() == [0, 0]
 
 
 def test_unsupported_shapes_raise_unsupported_batch():

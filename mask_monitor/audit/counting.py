@@ -2,16 +2,10 @@
 
 Totals are the training callback's numbers by construction: every collated batch goes through the same
 :func:`~mask_monitor.stats.batch_stats` the callback calls on each micro-batch, and the vectors are
-summed with :func:`~mask_monitor.stats.combine`. The per-sequence table (:func:`sequence_table`)
-splits the same quantities by sequence (a row, or a packed document) for the distribution, the fully
-masked examples and the worst examples; :class:`AuditCounter` checks, batch by batch, that the table
-adds up to ``batch_stats`` exactly, so the two can never drift apart.
-
-Example:
-    >>> import torch
-    >>> t = sequence_table(torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]]))
-    >>> t["slots"].tolist(), t["supervised"].tolist()
-    ([3, 3], [2, 0])
+summed with :func:`~mask_monitor.stats.combine`. The per-sequence split
+(:func:`~mask_monitor.stats.sequence_stats`, built from the same slot definitions) feeds the
+distribution, the fully masked examples and the worst examples; :class:`AuditCounter` also checks, batch
+by batch, that it adds up to ``batch_stats`` exactly.
 """
 
 from __future__ import annotations
@@ -23,125 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..reports import Totals
-from ..stats import (
-    FIELDS,
-    ROLE_ASSISTANT_CONTENT,
-    ROLE_ASSISTANT_HEADER,
-    ROLE_END_OF_TURN,
-    batch_stats,
-    combine,
-)
+from ..stats import FIELDS, SEQUENCE_FIELDS, batch_stats, combine, sequence_stats
 
-__all__ = ["sequence_table", "SequenceRecord", "AuditCounter", "TABLE_TO_FIELD"]
-
-#: per-sequence column -> the batch_stats field it must add up to
-TABLE_TO_FIELD: dict[str, str] = {
-    "slots": "target_tokens",
-    "supervised": "supervised_tokens",
-    "supervised_padding": "supervised_padding_tokens",
-    "leakage": "prompt_leakage_tokens",
-    "supervised_header": "supervised_header_tokens",
-    "content": "assistant_content_tokens",
-    "supervised_content": "supervised_assistant_content_tokens",
-    "turns": "assistant_turns",
-    "supervised_turns": "supervised_eot_turns",
-}
-
-
-def _next(t: torch.Tensor, fill: bool | int) -> torch.Tensor:
-    if t.dtype == torch.bool:
-        return F.pad(t[:, 1:], (0, 1), value=bool(fill))
-    return F.pad(t[:, 1:], (0, 1), value=int(fill))
-
-
-def _2d(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None:
-        return None
-    return t.unsqueeze(0) if t.dim() == 1 else t
-
-
-def sequence_table(
-    labels: torch.Tensor,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    roles: torch.Tensor | None = None,
-    ignore_index: int = -100,
-) -> dict[str, torch.Tensor]:
-    """Per-sequence counts of one collated batch, with the definitions of ``batch_stats``.
-
-    Returns 1-D tensors, one entry per sequence that has at least one target slot: the columns of
-    :data:`TABLE_TO_FIELD` plus ``row``, ``start``, ``end`` (where the sequence sits in the batch).
-    """
-    lab = _2d(labels)
-    attention_mask = _2d(attention_mask)
-    position_ids = _2d(position_ids)
-    roles = _2d(roles)
-    targets = _next(lab, ignore_index)
-    n_rows, length = targets.shape
-    supervised = targets != ignore_index
-    if attention_mask is not None:
-        valid = _next(attention_mask.bool(), False)
-    else:
-        valid = torch.ones_like(supervised)
-        valid[:, -1] = False
-    if position_ids is not None:
-        starts = position_ids == 0
-        valid = valid & ~_next(starts, False)
-        starts = starts.clone()
-        starts[:, 0] = True
-    else:
-        starts = torch.zeros_like(supervised)
-        starts[:, 0] = True
-    slots = valid | supervised
-
-    flat_starts = starts.reshape(-1)
-    seg = torch.cumsum(flat_starts.to(torch.int64), 0) - 1
-    n_seg = int(flat_starts.sum())
-    start_flat = torch.nonzero(flat_starts).flatten()
-    row = start_flat // length
-    start = start_flat % length
-    end_flat = torch.cat([start_flat[1:], torch.tensor([n_rows * length])])
-    end = end_flat - row * length
-    end = torch.minimum(end, torch.full_like(end, length))
-    if attention_mask is not None and position_ids is None:
-        end = torch.minimum(end, attention_mask.sum(dim=1).to(torch.int64)[row].clamp(min=1))
-
-    def per_seg(mask: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n_seg, dtype=torch.int64).scatter_add_(0, seg, mask.reshape(-1).to(torch.int64))
-
-    table = {
-        "slots": per_seg(slots),
-        "supervised": per_seg(supervised),
-        "supervised_padding": per_seg(supervised & ~valid),
-    }
-    if roles is not None:
-        role_t = _next(roles, 0)
-        content = role_t == ROLE_ASSISTANT_CONTENT
-        eot = role_t == ROLE_END_OF_TURN
-        eot_first = eot & ~F.pad(eot[:, :-1], (1, 0), value=False)
-        header = role_t == ROLE_ASSISTANT_HEADER
-        table["leakage"] = per_seg(supervised & ~(content | eot | header))
-        table["supervised_header"] = per_seg(supervised & header)
-        table["content"] = per_seg(content & slots)
-        table["supervised_content"] = per_seg(content & supervised)
-        table["turns"] = per_seg(eot_first & slots)
-        table["supervised_turns"] = per_seg(eot_first & supervised)
-    else:
-        zeros = torch.zeros(n_seg, dtype=torch.int64)
-        for k in ("leakage", "supervised_header", "content", "supervised_content", "turns", "supervised_turns"):
-            table[k] = zeros
-    keep = table["slots"] > 0
-    out = {k: v[keep] for k, v in table.items()}
-    out["row"] = row[keep]
-    out["start"] = start[keep]
-    out["end"] = end[keep]
-    out["segment"] = torch.arange(n_seg)[keep]
-    return out
-
+__all__ = ["SequenceRecord", "AuditCounter"]
 
 @dataclass
 class SequenceRecord:
@@ -215,7 +95,7 @@ class AuditCounter:
             roles=roles,
             ignore_index=self.ignore_index,
         )
-        table = sequence_table(
+        table = sequence_stats(
             labels,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -223,11 +103,11 @@ class AuditCounter:
             ignore_index=self.ignore_index,
         )
         values = vec.tolist()
-        for col, name in TABLE_TO_FIELD.items():
+        for name in SEQUENCE_FIELDS:
             expected = values[FIELDS.index(name)]
-            got = int(table[col].sum())
+            got = int(table[name].sum())
             if got != int(expected):
-                raise AssertionError(f"per-sequence {col} sums to {got}, batch_stats says {expected} ({name})")
+                raise AssertionError(f"per-sequence {name} sums to {got}, batch_stats says {expected}")
         if self.totals_vectors:
             vec = combine(torch.stack([self.totals_vectors[0], vec]))
         self.totals_vectors = [vec]
@@ -237,7 +117,7 @@ class AuditCounter:
         # which source example each sequence is (rows without padding-free; documents in padding-free)
         seg_examples: list[int | None]
         if packed:
-            seg_examples = [None] * len(table["slots"])
+            seg_examples = [None] * len(table["target_tokens"])
         elif position_ids is not None and labels.shape[0] == 1 and len(source_index) > 1:
             segs = table["segment"].tolist()
             seg_examples = [source_index[s] if s < len(source_index) else None for s in segs]
@@ -250,11 +130,11 @@ class AuditCounter:
                     self.seen.extend(b"\0" * (i + 1 - len(self.seen)))
                 self.seen[i] = 1
 
-        slots = table["slots"].tolist()
-        sup = table["supervised"].tolist()
-        leak = table["leakage"].tolist()
-        content = table["content"].tolist()
-        sup_content = table["supervised_content"].tolist()
+        slots = table["target_tokens"].tolist()
+        sup = table["supervised_tokens"].tolist()
+        leak = table["prompt_leakage_tokens"].tolist()
+        content = table["assistant_content_tokens"].tolist()
+        sup_content = table["supervised_assistant_content_tokens"].tolist()
         self.ratios.extend(s / n for s, n in zip(sup, slots, strict=True))
         ids_cpu = batch["input_ids"]
         for k in range(len(slots)):

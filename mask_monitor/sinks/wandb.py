@@ -44,9 +44,12 @@ import sys
 from collections import Counter
 from typing import Any
 
+import torch
+
 from ..config import CHECKS
 from ..errors import MaskMonitorAbort
 from ..reports import RunInfo, StepReport, Totals, WindowReport
+from ..stats import SLOT_STATUSES, as_dict, batch_stats, slot_status
 from .base import Finding, Sink
 
 __all__ = [
@@ -447,10 +450,6 @@ class WandbSink(Sink):
     def _row_candidates(
         self, step: int, rank: int, mb_index: int, batch: dict[str, list[list[int]]], source: str
     ) -> list[dict[str, Any]]:
-        import torch  # noqa: PLC0415 - torch is a hard dependency; local to keep import light
-
-        from ..stats import as_dict, batch_stats  # noqa: PLC0415
-
         labels = batch.get("labels") or []
         out = []
         for i in range(len(labels)):
@@ -543,8 +542,9 @@ class WandbSink(Sink):
         ids = batch["input_ids"][0].tolist() if "input_ids" in batch else None
         shift = batch["shift_labels"][0].tolist() if "shift_labels" in batch else None
         attn = batch["attention_mask"][0].tolist() if "attention_mask" in batch else None
+        pos = batch["position_ids"][0].tolist() if "position_ids" in batch else None
         roles = cand["_roles"][0].tolist() if cand.get("_roles") is not None else None
-        statuses = token_statuses(labels, shift_labels=shift, attention_mask=attn, roles=roles,
+        statuses = token_statuses(labels, shift_labels=shift, attention_mask=attn, position_ids=pos, roles=roles,
                                   ignore_index=self.ignore_index)
         shown = len(statuses) if ids is None else len(ids)
         n = min(shown, self.html_max_tokens)
@@ -583,31 +583,22 @@ def token_statuses(
     *,
     shift_labels: list[int] | None = None,
     attention_mask: list[int] | None = None,
+    position_ids: list[int] | None = None,
     roles: list[int] | None = None,
     ignore_index: int = -100,
 ) -> list[str]:
-    """What the loss does with each *input* token: ``supervised``, ``masked``, ``leakage``, ``padding``
-    or ``none`` (position 0 is never a target). Token ``j`` is the target of the prediction at ``j-1``.
+    """What the loss does with each *input* token of one sequence: ``supervised``, ``masked``,
+    ``leakage``, ``padding`` or ``none`` (:func:`mask_monitor.stats.slot_status`, the counting rules).
 
     >>> token_statuses([-100, -100, 5, 6])
     ['none', 'masked', 'supervised', 'supervised']
     """
-    from ..stats import ROLE_ASSISTANT_CONTENT, ROLE_ASSISTANT_HEADER, ROLE_END_OF_TURN  # noqa: PLC0415
+    def t(x: list[int] | None) -> torch.Tensor | None:
+        return torch.tensor([x], dtype=torch.long) if x is not None else None
 
-    answer = (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_ASSISTANT_HEADER)  # headers: counted apart
-
-    out = ["none"]
-    for j in range(1, len(labels)):
-        target = shift_labels[j - 1] if shift_labels is not None else labels[j]
-        if attention_mask is not None and not attention_mask[j] and target == ignore_index:
-            out.append("padding")
-        elif target == ignore_index:
-            out.append("masked")
-        elif roles is not None and roles[j] not in answer:
-            out.append("leakage")
-        else:
-            out.append("supervised")
-    return out
+    codes = slot_status(t(labels), shift_labels=t(shift_labels), attention_mask=t(attention_mask),
+                        position_ids=t(position_ids), roles=t(roles), ignore_index=ignore_index)
+    return [SLOT_STATUSES[c] for c in codes[0].tolist()]
 
 
 def _token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:

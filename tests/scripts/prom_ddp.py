@@ -15,14 +15,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
-import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from trainer_utils import rows, tiny_llama  # noqa: E402
+from trainer_utils import exit_worker, rows, tiny_llama  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from mask_monitor import MaskMonitorCallback  # noqa: E402
@@ -51,7 +51,7 @@ class PaceAndMask(TrainerCallback):
         time.sleep(self.seconds)
 
 
-def main() -> int:
+def main() -> NoReturn:
     out_dir, base_port = Path(sys.argv[1]), int(sys.argv[2])
     import trl
     from datasets import Dataset
@@ -91,15 +91,8 @@ def main() -> int:
     summary = {k: v for k, v in cb.summary().items() if not isinstance(v, dict) or k == "findings"}
     result = {"rank": rank, "global_step": out.global_step, "summary": summary}
     (out_dir / f"result-rank{rank}.json").write_text(json.dumps(result, default=str))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    exit_worker(0)  # no destroy_process_group, no return: see exit_worker
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: torch's gloo ProcessGroup destructor can deadlock at exit against its own
-    # runloop thread (seen here: ~ProcessGroupGloo waiting while the runloop waits for the GIL).
-    os._exit(code)
+    main()

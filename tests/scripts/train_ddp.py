@@ -14,14 +14,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
-import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from trainer_utils import rows, tiny_llama  # noqa: E402
+from trainer_utils import exit_worker, rows, tiny_llama  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from mask_monitor import MaskMonitorAbort, MaskMonitorCallback  # noqa: E402
@@ -49,7 +49,7 @@ class Pathology(TrainerCallback):
                 model.model.norm.weight.fill_(float("nan"))
 
 
-def main() -> int:
+def main() -> NoReturn:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     port = int(sys.argv[3]) if len(sys.argv) > 3 else None
     import trl
@@ -81,15 +81,8 @@ def main() -> int:
         code = 3
     result["summary"] = {k: v for k, v in cb.summary().items() if not isinstance(v, dict) or k == "findings"}
     (out_dir / f"result-rank{rank}.json").write_text(json.dumps(result, default=str))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+    exit_worker(code)  # no destroy_process_group, no return: see exit_worker
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: torch's gloo ProcessGroup destructor can deadlock at exit against its own
-    # runloop thread (seen here: ~ProcessGroupGloo waiting while the runloop waits for the GIL).
-    os._exit(code)
+    main()

@@ -21,13 +21,14 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from trainer_utils import rows, tiny_llama  # noqa: E402
+from trainer_utils import exit_worker, rows, tiny_llama  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from mask_monitor import MaskMonitorAbort, MaskMonitorCallback  # noqa: E402
@@ -61,7 +62,7 @@ def shard(model) -> None:
     model._is_distributed_loading_by_transformers = True
 
 
-def main() -> int:
+def main() -> NoReturn:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=["healthy", "all_masked"])
     ap.add_argument("out_dir", type=Path)
@@ -120,15 +121,8 @@ def main() -> int:
         except RuntimeError as exc:
             result["barrier"] = f"failed: {exc}"
     (a.out_dir / f"result-rank{rank}.json").write_text(json.dumps(result, default=str))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+    exit_worker(code)  # no destroy_process_group, no return: see exit_worker
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: torch's gloo ProcessGroup destructor can deadlock at exit against its own
-    # runloop thread (seen here: ~ProcessGroupGloo waiting while the runloop waits for the GIL).
-    os._exit(code)
+    main()
