@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             ("prompt leakage", _pct(s["prompt_leakage_ratio"])),
             ("response coverage", _pct(s["response_coverage_ratio"])),
             ("end-of-turn supervised", _pct(s["eot_supervised_ratio"])),
-            ("aborted", s["aborted"]),
+            ("aborted", s["aborted"] or "no"),
         ]
         for k, v in rows:
             print(f"   {k:<24} {v}")
