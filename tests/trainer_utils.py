@@ -18,7 +18,7 @@ def exit_worker(code: int) -> NoReturn:
 
     Not even returning from ``main``: releasing its locals (trainer, DDP/FSDP model) runs torch's gloo
     ProcessGroup destructor, which can deadlock against the group's own runloop thread over the GIL (seen
-    here about 1 run in 12: the worker stuck on the line that called ``main``, both results already on
+    here in 3 of 16 runs: the worker stuck on the line that called ``main``, both results already on
     disk, torchrun waiting forever). Nothing of the monitor runs at that point; the test would only time out.
     """
     sys.stdout.flush()
