@@ -186,24 +186,9 @@ def run_paired(arm: str, model, data, tok, cfg: dict[str, Any], blocks: int, war
     """
     import random
 
-    from datasets import Dataset
-
-    if arm == "monitor":
-        cb = GatedMonitor(template=None, wandb=False)
-    else:
-        from mask_monitor.templates import detect_template
-
-        cb = GatedMonitor(template=detect_template(tok), tokenizer=tok, wandb=False)
+    cb = make_callback(arm, tok, GatedMonitor)
     timer = PairedSchedule(cb, warmup)
-    steps = warmup + 4 * blocks
-    args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=cfg["batch"], max_steps=steps, learning_rate=1e-5,
-        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
-        use_cpu=cfg["device"] == "cpu", bf16=cfg["bf16"], dataloader_num_workers=0, remove_unused_columns=False,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(data), callbacks=[timer, cb])
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    build_trainer(model, data, cfg, warmup + 4 * blocks, out_dir, [timer, cb]).train()
     if cb.summary()["micro_batches"] != warmup + 2 * blocks:
         raise RuntimeError(f"the monitor audited {cb.summary()['micro_batches']} micro-batches, expected "
                            f"{warmup + 2 * blocks} (warm-up + the on-steps)")
@@ -277,36 +262,41 @@ def build_model(cfg: dict[str, Any], vocab: int) -> LlamaForCausalLM:
     return model
 
 
-def make_callback(arm: str, tok) -> TimedMonitor | None:
+def make_callback(arm: str, tok, cls: type[TimedMonitor] = TimedMonitor) -> TimedMonitor | None:
     if arm == "baseline":
         return None
     if arm == "monitor":
-        return TimedMonitor(template=None, wandb=False)
+        return cls(template=None, wandb=False)
     from mask_monitor.templates import detect_template
 
-    return TimedMonitor(template=detect_template(tok), tokenizer=tok, wandb=False)
+    return cls(template=detect_template(tok), tokenizer=tok, wandb=False)
+
+
+def build_trainer(model, data, cfg: dict[str, Any], steps: int, out_dir: str,
+                  callbacks: list[TrainerCallback]) -> Trainer:
+    """The benchmark's Trainer: `steps` optimizer steps, no logging, saving or progress bar of its own."""
+    from datasets import Dataset
+
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=cfg["batch"], max_steps=steps, learning_rate=1e-5,
+        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
+        use_cpu=cfg["device"] == "cpu", bf16=cfg["bf16"], dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(data), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def run_arm(arm: str, model, data, tok, cfg: dict[str, Any], steps: int, out_dir: str,
             warmup: int = 1) -> tuple[list[float], int, float]:
     """One train() of `warmup + steps` steps: the timed steps, the CUDA peak bytes, the monitor's own
     seconds per step (over all steps, warm-up included)."""
-    from datasets import Dataset
-
     timer = StepTimer()
     callbacks: list[TrainerCallback] = [timer]
     cb = make_callback(arm, tok)
     if cb is not None:
         callbacks.append(cb)
-    args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=cfg["batch"], max_steps=steps + warmup,
-        learning_rate=1e-5,
-        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
-        use_cpu=cfg["device"] == "cpu", bf16=cfg["bf16"], dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(data), callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)
+    trainer = build_trainer(model, data, cfg, steps + warmup, out_dir, callbacks)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -166,14 +166,12 @@ def _slots(
     starts = None
     if position_ids is not None:
         starts = position_ids[:, :width] == 0
-        crosses = next_tok(position_ids == 0, False)
+        crosses = next_tok(position_ids == 0, True)  # past the last column: unknown, like a boundary
         valid = ~crosses if valid is None else valid & ~crosses
     if shifted and valid is None:  # the last column's next token is unknown: a slot only if supervised
         valid = torch.ones((b, width), dtype=torch.bool, device=targets.device)
         if width:
             valid[:, -1] = False
-    elif shifted and attention_mask is None and width:
-        valid[:, -1] = False
     role_t = next_tok(roles, ROLE_OTHER) if roles is not None else None
     return _Slots(targets != ignore_index, valid, starts, role_t, full[1])
 
@@ -236,7 +234,7 @@ def batch_stats(
     # Per sequence (row, or packed document) slot and supervised counts.
     if starts is not None:
         seg = _segment_ids(starts)
-        seq_slots = _per_segment(seg, slots if slots is not None else torch.ones_like(supervised))
+        seq_slots = _per_segment(seg, slots)  # position_ids make `valid`, so `slots` exists here
         seq_sup = _per_segment(seg, supervised)
     has_slots = seq_slots > 0
     n_seq = torch.count_nonzero(has_slots)

@@ -30,11 +30,25 @@ def tokenizers_dir(fixtures_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def zephyr_tokenizer(tokenizers_dir: Path):
-    """TinyLlama-1.1B-Chat's real tokenizer (Llama vocabulary, Zephyr chat template)."""
+def tok_path(tokenizers_dir: Path) -> str:
+    """Folder of TinyLlama-1.1B-Chat's real tokenizer (Llama vocabulary, Zephyr chat template)."""
+    return str(tokenizers_dir / "TinyLlama-1.1B-Chat-v1.0__composed")
+
+
+@pytest.fixture(scope="session")
+def tok(tok_path: str):
+    """That tokenizer exactly as ``AutoTokenizer`` loads it (no pad token), as the audit CLI sees it."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizers_dir / "TinyLlama-1.1B-Chat-v1.0__composed")
+    return AutoTokenizer.from_pretrained(tok_path)
+
+
+@pytest.fixture(scope="session")
+def zephyr_tokenizer(tok_path: str):
+    """That tokenizer, its own copy, with a pad token (unk) for training."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_path)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token
     return tok

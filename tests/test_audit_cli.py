@@ -32,7 +32,6 @@ trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.slow
 
 IGNORE = -100
-TOKENIZER = "TinyLlama-1.1B-Chat-v1.0__composed"
 COUNT_KEYS = (
     "sequences",
     "target_tokens",
@@ -129,18 +128,6 @@ def count_labels(examples: list[list[int]]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def tok_path(tokenizers_dir: Path) -> str:
-    return str(tokenizers_dir / TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def tok(tok_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tok) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("audit-data")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import doctest
 import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +28,6 @@ needs_trl1 = pytest.mark.skipif(
 
 
 IGNORE = -100
-TOKENIZER = "TinyLlama-1.1B-Chat-v1.0__composed"
 
 
 @pytest.mark.parametrize("module", [counting, data, report])
@@ -99,18 +97,6 @@ def test_sample_is_seeded_and_uniform(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ pipeline variants
-@pytest.fixture(scope="module")
-def tok_path(tokenizers_dir: Path) -> str:
-    return str(tokenizers_dir / TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def tok(tok_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_path)
-
-
 @pytest.mark.slow
 def test_streaming_and_num_proc_agree(tmp_path, tok, tok_path):
     path = tmp_path / "d.jsonl"

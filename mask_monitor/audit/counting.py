@@ -86,22 +86,11 @@ class AuditCounter:
         packed: bool = False,
     ) -> None:
         labels = batch["labels"]
-        attention_mask = batch.get("attention_mask")
         position_ids = batch.get("position_ids")
-        vec = batch_stats(
-            labels,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            roles=roles,
-            ignore_index=self.ignore_index,
-        )
-        table = sequence_stats(
-            labels,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            roles=roles,
-            ignore_index=self.ignore_index,
-        )
+        given = dict(attention_mask=batch.get("attention_mask"), position_ids=position_ids, roles=roles,
+                     ignore_index=self.ignore_index)
+        vec = batch_stats(labels, **given)
+        table = sequence_stats(labels, **given)
         values = vec.tolist()
         for name in SEQUENCE_FIELDS:
             expected = values[FIELDS.index(name)]
