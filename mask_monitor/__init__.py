@@ -5,48 +5,86 @@ Quickstart::
     from mask_monitor import MaskMonitorCallback
     trainer = SFTTrainer(model=..., args=..., train_dataset=..., callbacks=[MaskMonitorCallback()])
     trainer.train()   # raises MaskMonitorAbort on an all-masked / zero-loss / NaN-loss step
+
+The core (:class:`MaskAuditor`, :func:`batch_stats`, :class:`Policy`, :class:`MonitorConfig`) needs only
+torch; the transformers callback, the sinks and the chat-template tools are imported on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .auditor import MaskAuditor
-from .callback import MaskMonitorCallback
-from .config import CHECKS, MonitorConfig
-from .errors import ABORT_REASONS, MaskMonitorAbort
+from .checks import CHECKS, Check, Finding
+from .config import ConfigError, MonitorConfig
+from .counters import COUNTERS, FIELDS, RATIOS, Counter, Ratio
+from .errors import ABORT_REASONS, InputError, MaskMonitorAbort
 from .policy import Policy, first_abort
 from .reports import RunInfo, StepReport, Totals, WindowReport
-from .sinks import Finding, Sink, SinkConfigError
-from .stats import FIELDS, batch_stats
+from .stats import batch_stats
+
+if TYPE_CHECKING:  # pragma: no cover - names resolved lazily by __getattr__ below
+    from .callback import MaskMonitorCallback
+    from .sinks import Sink, SinkConfigError
+    from .templates import ChatTemplate, RoleTagger, assistant_token_mask, detect_template, register_template
+
+#: name -> module that defines it, imported on first access (they need transformers or a sink's deps).
+_LAZY: dict[str, str] = {
+    "MaskMonitorCallback": ".callback",
+    "Sink": ".sinks",
+    "SinkConfigError": ".sinks",
+    "ChatTemplate": ".templates",
+    "RoleTagger": ".templates",
+    "assistant_token_mask": ".templates",
+    "detect_template": ".templates",
+    "register_template": ".templates",
+}
 
 __all__ = [
     "__version__",
     "ABORT_REASONS",
     "CHECKS",
+    "COUNTERS",
+    "Check",
+    "ConfigError",
+    "Counter",
     "FIELDS",
     "Finding",
+    "InputError",
     "MaskAuditor",
     "MaskMonitorAbort",
-    "MaskMonitorCallback",
     "MonitorConfig",
     "Policy",
+    "RATIOS",
+    "Ratio",
     "RunInfo",
-    "Sink",
-    "SinkConfigError",
     "StepReport",
     "Totals",
     "WindowReport",
     "batch_stats",
     "first_abort",
+    # lazy (see _LAZY)
+    "MaskMonitorCallback",
+    "Sink",
+    "SinkConfigError",
+    "ChatTemplate",
+    "RoleTagger",
+    "assistant_token_mask",
+    "detect_template",
+    "register_template",
 ]
 
-try:  # template knowledge (mask_monitor.templates)
-    from .templates import (  # noqa: F401
-        ChatTemplate,
-        RoleTagger,
-        assistant_token_mask,
-        detect_template,
-        register_template,
-    )
 
-    __all__ += ["ChatTemplate", "RoleTagger", "assistant_token_mask", "detect_template", "register_template"]
-except ImportError:  # pragma: no cover - only while the templates package is being written
-    pass
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mask_monitor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

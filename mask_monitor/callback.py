@@ -29,13 +29,14 @@ from transformers.trainer_callback import ExportableState
 
 from ._version import __version__
 from .auditor import MaskAuditor
-from .config import MonitorConfig
+from .checks import Finding
+from .config import ConfigError, MonitorConfig
 from .distributed import local_rank, rank_and_world
 from .errors import MaskMonitorAbort
 from .evidence import write_evidence
 from .policy import Policy, first_abort
 from .reports import RunInfo, StepReport
-from .sinks.base import Finding, Sink, SinkConfigError, SinkGroup
+from .sinks.base import Sink, SinkConfigError, SinkGroup
 from .sinks.logging import LoggingSink
 from .stats import UnsupportedBatch
 
@@ -84,11 +85,13 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         wandb: bool | None = None,
         **checks: Any,
     ) -> None:
-        if config is not None and checks:
-            raise TypeError("pass either config=MonitorConfig(...) or check keyword arguments, not both")
+        given = dict(checks)
         if strict:
-            checks.setdefault("all_masked_micro_batch", "abort")
-        self.config = config if config is not None else MonitorConfig.resolve(checks)
+            explicit = {**(config.given() if config is not None else {}), **checks}.get("all_masked_micro_batch")
+            if explicit not in (None, "abort"):
+                raise ConfigError(f"strict=True asks all_masked_micro_batch='abort', but {explicit!r} was given")
+            given["all_masked_micro_batch"] = "abort"
+        self.config = MonitorConfig.resolve(given, base=config)
         self.policy = Policy(self.config)
         self.auditor = MaskAuditor(ignore_index=self.config.ignore_index, evidence_rows=self.config.evidence_rows)
         self._user_sinks: list[Sink] = list(sinks)

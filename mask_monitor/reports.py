@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
-from .stats import FIELDS, REDUCTIONS
+from .counters import COUNTERS, FIELDS, RATIO, RATIOS, REDUCTIONS
 
 __all__ = ["Totals", "StepReport", "WindowReport", "RunInfo", "HISTOGRAM_BUCKETS"]
 
@@ -21,49 +22,83 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
-@dataclass(frozen=True)
 class Totals:
-    """Counts over any set of micro-batches (one, a step, a window, a run; one rank or all)."""
+    """Counts over any set of micro-batches (one, a step, a window, a run; one rank or all).
 
-    micro_batches: float = 0
-    sequences: float = 0
-    target_tokens: float = 0
-    supervised_tokens: float = 0
-    masked_tokens: float = 0
-    supervised_padding_tokens: float = 0
-    fully_masked_sequences: float = 0
-    unmasked_sequences: float = 0
-    all_masked_batches: float = 0
-    unmasked_batches: float = 0
-    loss_batches: float = 0
-    loss_sum: float = 0.0
-    zero_loss_batches: float = 0
-    non_finite_loss_batches: float = 0
-    audited_supervised_tokens: float = 0
-    prompt_leakage_tokens: float = 0
-    supervised_header_tokens: float = 0
-    assistant_content_tokens: float = 0
-    supervised_assistant_content_tokens: float = 0
-    assistant_turns: float = 0
-    supervised_eot_turns: float = 0
-    max_masked_ratio: float = 0.0
+    One value per :data:`~mask_monitor.counters.COUNTERS` entry, read as attributes
+    (``t.supervised_tokens``); every :data:`~mask_monitor.counters.RATIOS` entry is a derived attribute
+    (``t.masked_ratio``, None where its denominator is 0: no data is not a 0% or 100% reading).
+    ``a + b`` combines two totals with each counter's declared reduction.
+
+    Example:
+        >>> t = Totals(target_tokens=8, supervised_tokens=2, masked_tokens=6)
+        >>> t.masked_ratio, (t + t).supervised_tokens, Totals().masked_ratio is None
+        (0.75, 4.0, True)
+    """
+
+    __slots__ = ("_v",)
+
+    def __init__(self, **counts: float) -> None:
+        unknown = set(counts) - _INDEX.keys()
+        if unknown:
+            raise TypeError(f"Totals() got unknown counter(s): {', '.join(sorted(unknown))}")
+        self._v: tuple[float, ...] = tuple(float(counts.get(f, 0.0)) for f in FIELDS)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # pickling and copying look up dunder/private names first
+            raise AttributeError(name)
+        i = _INDEX.get(name)
+        if i is not None:
+            return self._v[i]
+        r = RATIO.get(name)
+        if r is not None:
+            return _ratio(self._v[_INDEX[r.numerator]], self._v[_INDEX[r.denominator]])
+        raise AttributeError(f"Totals has no counter or ratio {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "_v" or hasattr(self, "_v"):
+            raise AttributeError("Totals is immutable")
+        object.__setattr__(self, name, value)
+
+    def __getstate__(self) -> tuple[float, ...]:
+        return self._v
+
+    def __setstate__(self, state: tuple[float, ...]) -> None:
+        object.__setattr__(self, "_v", tuple(state))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Totals) and self._v == other._v
+
+    def __hash__(self) -> int:
+        return hash(self._v)
+
+    def __repr__(self) -> str:
+        nonzero = ", ".join(f"{f}={v:g}" for f, v in zip(FIELDS, self._v, strict=True) if v)
+        return f"Totals({nonzero})"
 
     @classmethod
     def from_values(cls, values: Iterable[float]) -> Totals:
-        return cls(*(float(v) for v in values))
+        """From one value per :data:`~mask_monitor.counters.FIELDS` entry, in order."""
+        v = tuple(float(x) for x in values)
+        if len(v) != len(FIELDS):
+            raise ValueError(f"expected {len(FIELDS)} values (one per counter), got {len(v)}")
+        out = cls.__new__(cls)
+        object.__setattr__(out, "_v", v)
+        return out
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, float]) -> Totals:
-        return cls(**{k: float(values.get(k, 0)) for k in FIELDS})
+        """From named counts (missing counters are 0; names that are not counters are ignored)."""
+        return cls.from_values(float(values.get(f, 0) or 0) for f in FIELDS)
 
     def values(self) -> list[float]:
-        return [getattr(self, f) for f in FIELDS]
+        return list(self._v)
 
     def __add__(self, other: Totals) -> Totals:
-        out = []
-        for a, b, how in zip(self.values(), other.values(), REDUCTIONS, strict=True):
-            out.append(max(a, b) if how == "max" else a + b)
-        return Totals.from_values(out)
+        return Totals.from_values(
+            max(a, b) if how == "max" else a + b
+            for a, b, how in zip(self._v, other._v, REDUCTIONS, strict=True)
+        )
 
     @staticmethod
     def total(items: Iterable[Totals]) -> Totals:
@@ -72,53 +107,22 @@ class Totals:
             acc = acc + t
         return acc
 
-    # Derived ratios: None where the denominator is empty (no data is not a 0% or 100% reading).
-    @property
-    def masked_ratio(self) -> float | None:
-        return _ratio(self.masked_tokens, self.target_tokens)
-
-    @property
-    def supervised_ratio(self) -> float | None:
-        return _ratio(self.supervised_tokens, self.target_tokens)
-
-    @property
-    def fully_masked_sequence_ratio(self) -> float | None:
-        return _ratio(self.fully_masked_sequences, self.sequences)
-
-    @property
-    def mean_loss(self) -> float | None:
-        return _ratio(self.loss_sum, self.loss_batches)
-
     @property
     def template_audited(self) -> bool:
+        """Whether a chat template's roles were read in these micro-batches."""
         return self.audited_supervised_tokens > 0 or self.assistant_content_tokens > 0
 
-    @property
-    def prompt_leakage_ratio(self) -> float | None:
-        return _ratio(self.prompt_leakage_tokens, self.audited_supervised_tokens)
-
-    @property
-    def response_coverage_ratio(self) -> float | None:
-        return _ratio(self.supervised_assistant_content_tokens, self.assistant_content_tokens)
-
-    @property
-    def eot_supervised_ratio(self) -> float | None:
-        return _ratio(self.supervised_eot_turns, self.assistant_turns)
-
     def as_dict(self) -> dict[str, float | int | None]:
-        """Counts as ints (max ratio and loss as floats) plus the derived ratios."""
+        """Counts (whole counts as ints) plus every derived ratio."""
         d: dict[str, float | int | None] = {}
-        for f in FIELDS:
-            v = getattr(self, f)
-            d[f] = v if f in ("loss_sum", "max_masked_ratio") else int(v)
-        d["masked_ratio"] = self.masked_ratio
-        d["supervised_ratio"] = self.supervised_ratio
-        d["fully_masked_sequence_ratio"] = self.fully_masked_sequence_ratio
-        d["mean_loss"] = self.mean_loss
-        d["prompt_leakage_ratio"] = self.prompt_leakage_ratio
-        d["response_coverage_ratio"] = self.response_coverage_ratio
-        d["eot_supervised_ratio"] = self.eot_supervised_ratio
+        for c, v in zip(COUNTERS, self._v, strict=True):
+            d[c.name] = int(v) if c.integral else v
+        for r in RATIOS:
+            d[r.name] = getattr(self, r.name)
         return d
+
+
+_INDEX: dict[str, int] = {f: i for i, f in enumerate(FIELDS)}
 
 
 @dataclass(frozen=True)

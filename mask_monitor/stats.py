@@ -35,6 +35,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .counters import FIELDS, REDUCTIONS, SEQUENCE_FIELDS, SUM_FIELDS
+
 __all__ = [
     "FIELDS",
     "REDUCTIONS",
@@ -65,35 +67,7 @@ ROLE_ASSISTANT_CONTENT = 4
 ROLE_END_OF_TURN = 5  # the end-of-turn token(s) closing an *assistant* turn
 ROLE_NAMES = ("other", "system", "user", "assistant_header", "assistant_content", "end_of_turn")
 
-#: Column names of a stats vector, in order.
-FIELDS: tuple[str, ...] = (
-    "micro_batches",
-    "sequences",
-    "target_tokens",
-    "supervised_tokens",
-    "masked_tokens",
-    "supervised_padding_tokens",
-    "fully_masked_sequences",
-    "unmasked_sequences",
-    "all_masked_batches",
-    "unmasked_batches",
-    "loss_batches",
-    "loss_sum",
-    "zero_loss_batches",
-    "non_finite_loss_batches",
-    "audited_supervised_tokens",
-    "prompt_leakage_tokens",
-    "supervised_header_tokens",
-    "assistant_content_tokens",
-    "supervised_assistant_content_tokens",
-    "assistant_turns",
-    "supervised_eot_turns",
-    "max_masked_ratio",
-)
-#: How each column combines across micro-batches, steps and ranks.
-REDUCTIONS: tuple[str, ...] = tuple("max" if f.startswith("max_") else "sum" for f in FIELDS)
-_FIRST_MAX = REDUCTIONS.index("max")
-assert all(r == "max" for r in REDUCTIONS[_FIRST_MAX:]), "max-reduced columns must come last"
+_FIRST_MAX = len(SUM_FIELDS)  # max-reduced columns come last (counters.py orders them so)
 
 
 class UnsupportedBatch(ValueError):
@@ -243,51 +217,38 @@ def batch_stats(
 
     zero = torch.zeros((), dtype=dtype, device=device)
     one = torch.ones((), dtype=dtype, device=device)
+    n_slots_f = n_slots.to(dtype)
+    cols: dict[str, torch.Tensor] = {
+        "micro_batches": one,
+        "sequences": n_seq.to(dtype),
+        "target_tokens": n_slots_f,
+        "supervised_tokens": n_sup.to(dtype),
+        "masked_tokens": n_masked.to(dtype),
+        "supervised_padding_tokens": n_sup_padding.to(dtype),
+        "fully_masked_sequences": n_fully.to(dtype),
+        "unmasked_sequences": n_unmasked_seq.to(dtype),
+        "all_masked_batches": (n_sup == 0).to(dtype),
+        "unmasked_batches": ((n_masked == 0) & (n_slots > 0)).to(dtype),
+        "max_masked_ratio": torch.where(n_slots > 0, n_masked.to(dtype) / n_slots_f.clamp(min=1), zero),
+    }
     if loss is not None:
         loss_t = torch.as_tensor(loss, device=device).detach().to(dtype).reshape(-1)[:1].sum()
         finite = torch.isfinite(loss_t)
-        loss_cols = [
-            one,
-            torch.where(finite, loss_t, zero),
-            (finite & (loss_t == 0) & (n_sup > 0)).to(dtype),
-            (~finite).to(dtype),
-        ]
-    else:
-        loss_cols = [zero, zero, zero, zero]
-
+        cols["loss_batches"] = one
+        cols["loss_sum"] = torch.where(finite, loss_t, zero)
+        cols["zero_loss_batches"] = (finite & (loss_t == 0) & (n_sup > 0)).to(dtype)
+        cols["non_finite_loss_batches"] = (~finite).to(dtype)
     if view.role_t is not None:
         content, eot_first, header, answer = _role_masks(view.role_t)
         in_slot = slots if slots is not None else True
-        role_cols = [
-            n_sup.to(dtype),
-            torch.count_nonzero(supervised & ~answer).to(dtype),
-            torch.count_nonzero(supervised & header).to(dtype),
-            torch.count_nonzero(content & in_slot).to(dtype),
-            torch.count_nonzero(content & supervised).to(dtype),
-            torch.count_nonzero(eot_first & in_slot).to(dtype),
-            torch.count_nonzero(eot_first & supervised).to(dtype),
-        ]
-    else:
-        role_cols = [zero] * 7
-
-    n_slots_f = n_slots.to(dtype)
-    max_ratio = torch.where(n_slots > 0, n_masked.to(dtype) / n_slots_f.clamp(min=1), zero)
-    cols = [
-        one,
-        n_seq.to(dtype),
-        n_slots_f,
-        n_sup.to(dtype),
-        n_masked.to(dtype),
-        n_sup_padding.to(dtype),
-        n_fully.to(dtype),
-        n_unmasked_seq.to(dtype),
-        (n_sup == 0).to(dtype),
-        ((n_masked == 0) & (n_slots > 0)).to(dtype),
-        *loss_cols,
-        *role_cols,
-        max_ratio,
-    ]
-    return torch.stack(cols)
+        cols["audited_supervised_tokens"] = n_sup.to(dtype)
+        cols["prompt_leakage_tokens"] = torch.count_nonzero(supervised & ~answer).to(dtype)
+        cols["supervised_header_tokens"] = torch.count_nonzero(supervised & header).to(dtype)
+        cols["assistant_content_tokens"] = torch.count_nonzero(content & in_slot).to(dtype)
+        cols["supervised_assistant_content_tokens"] = torch.count_nonzero(content & supervised).to(dtype)
+        cols["assistant_turns"] = torch.count_nonzero(eot_first & in_slot).to(dtype)
+        cols["supervised_eot_turns"] = torch.count_nonzero(eot_first & supervised).to(dtype)
+    return torch.stack([cols.get(f, zero) for f in FIELDS])
 
 
 def _segment_ids(starts: torch.Tensor) -> torch.Tensor:
@@ -302,20 +263,6 @@ def _per_segment(seg: torch.Tensor, mask: torch.Tensor, n: int | None = None) ->
     """How many positions of each segment ``mask`` marks (length ``n``, default one per position)."""
     out = torch.zeros(seg.numel() if n is None else n, dtype=torch.int64, device=seg.device)
     return out.scatter_add_(0, seg, mask.reshape(-1).to(torch.int64))
-
-
-#: Per-sequence columns of :func:`sequence_stats`: each sums, over sequences, to the same-named field.
-SEQUENCE_FIELDS: tuple[str, ...] = (
-    "target_tokens",
-    "supervised_tokens",
-    "supervised_padding_tokens",
-    "prompt_leakage_tokens",
-    "supervised_header_tokens",
-    "assistant_content_tokens",
-    "supervised_assistant_content_tokens",
-    "assistant_turns",
-    "supervised_eot_turns",
-)
 
 
 def sequence_stats(
@@ -388,8 +335,8 @@ def sequence_stats(
         table["supervised_assistant_content_tokens"] = per_seg(content & supervised)
         table["assistant_turns"] = per_seg(eot_first & slots)
         table["supervised_eot_turns"] = per_seg(eot_first & supervised)
-    else:
-        for k in SEQUENCE_FIELDS[3:]:
+    for k in SEQUENCE_FIELDS:
+        if k not in table:
             table[k] = torch.zeros(n_seg, dtype=torch.int64, device=seg.device)
     keep = table["target_tokens"] > 0
     out = {k: v[keep] for k, v in table.items()}

@@ -224,9 +224,11 @@ def test_healthy_prompt_completion(tok, tok_path, data, runs):
     assert_same(rep["totals"], callback_summary(tok_path, data["healthy"]))
 
 
-def test_no_masking_blocks_on_prompt_leakage(tok, tok_path, data, runs, capsys):
+def test_no_masking_reports_prompt_leakage(tok, tok_path, data, runs, capsys):
     code, rep = parse(runs["nomask"].result())
-    assert code == 1 and [b["check"] for b in rep["blocking"]] == ["prompt_leakage"]
+    # prompt_leakage's default action is the callback's: a warning, exit 0
+    assert code == 0 and rep["blocking"] == []
+    assert {"prompt_leakage", "unmasked"} <= {w["check"] for w in rep["warnings"]}
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
              {"role": "assistant", "content": a}] for q, a in QA]
     full = [render(tok, m) for m in msgs]
@@ -240,10 +242,14 @@ def test_no_masking_blocks_on_prompt_leakage(tok, tok_path, data, runs, capsys):
     assert rep["totals"]["unmasked_sequences"] == len(QA)
     assert_same(rep["totals"], callback_summary(tok_path, data["nomask"]))
 
-    # accepted on purpose: same numbers, exit 0, leakage kept as a warning
-    code2, rep2 = main_json(capsys, "--tokenizer", tok_path, "--data", str(data["nomask"]), "--allow-prompt-training")
-    assert code2 == 0 and rep2["totals"] == rep["totals"]
-    assert "prompt_leakage" in [w["check"] for w in rep2["warnings"]]
+    # the same MonitorConfig setting as in training makes it blocking: same numbers, exit 1
+    code2, rep2 = main_json(capsys, "--tokenizer", tok_path, "--data", str(data["nomask"]),
+                            "--set", "prompt_leakage=abort")
+    assert code2 == 1 and rep2["totals"] == rep["totals"]
+    assert [b["check"] for b in rep2["blocking"]] == ["prompt_leakage"]
+    # --fail-on warn: every finding blocks the CI step
+    code3, rep3 = main_json(capsys, "--tokenizer", tok_path, "--data", str(data["nomask"]), "--fail-on", "warn")
+    assert code3 == 1 and rep3["blocking"] == [] and rep3["verdict"] == "blocked"
 
 
 @needs_trl1
@@ -276,7 +282,8 @@ def test_truncated(tok, tok_path, data, runs):
     assert rep["truncated_examples"] == sum(1 for _, n in parts if n > limit)
     share = dropped / len(parts)
     assert rep["lost_share"] == pytest.approx(share)
-    assert code == (1 if share > 0.5 else 0)
+    assert code == 0  # fully_masked_share's default action is the callback's: warn
+    assert ("fully_masked_share" in [w["check"] for w in rep["warnings"]]) == (share > 0.5)
     assert "truncation" in [w["check"] for w in rep["warnings"]]
     assert_same(rep["totals"], callback_summary(tok_path, data["healthy"], max_length=limit))
 
@@ -290,7 +297,9 @@ def test_packed_with_fully_masked_documents(tok_path, data, runs):
     n_fully = sum(1 for i in range(len(rows)) if i % 3 == 0)
     assert rep["totals"]["fully_masked_sequences"] == n_fully
     assert rep["fully_masked_reasons"] == {"no_response": n_fully}
-    assert code == 0 and "fully_masked_share" in [w["check"] for w in rep["warnings"]]
+    # a third of the documents is under fully_masked_share_threshold (0.5): the sequences are reported
+    assert code == 0 and "fully_masked_sequences" in [w["check"] for w in rep["warnings"]]
+    assert "fully_masked_share" not in [w["check"] for w in rep["warnings"]]
     assert_same(rep["totals"], callback_summary(tok_path, data["packed"], packing=True, max_length=96))
 
 
@@ -300,7 +309,7 @@ def test_pretokenized_completion_mask(tok_path, data, runs, capsys):
     code, rep = parse(runs["pretok"].result())
     assert rep["completion_only_loss"] is False
     assert {k: rep["totals"][k] for k in COUNT_KEYS} == count_labels(ids)
-    assert code == 1 and rep["blocking"][0]["check"] == "prompt_leakage"
+    assert code == 0 and "prompt_leakage" in [w["check"] for w in rep["warnings"]]
     code, rep = main_json(capsys, "--tokenizer", tok_path, "--data", str(data["pretok"]),
                           "--completion-only-loss", "true")
     assert code == 0 and rep["completion_only_loss"] is True
@@ -316,7 +325,7 @@ def test_terminal_report_and_config_file(tok_path, data, tmp_path, capsys):
     cfg.write_text("max_length: 64\npacking: false\nlearning_rate: 2.0e-5\n")
     capsys.readouterr()
     code = main(["audit", "--no-progress", "--tokenizer", tok_path, "--data", str(data["nomask"]),
-                 "--config", str(cfg), "--show", "2"])
+                 "--config", str(cfg), "--show", "2", "--set", "prompt_leakage=abort"])
     assert code == 1
     out = capsys.readouterr().out
     assert out.index("BLOCKED (exit 1)") < out.index("target tokens")  # verdict first, numbers after
@@ -335,7 +344,7 @@ def test_usage_error_subprocess(runs):
     [
         (["--data", "{healthy}", "--config", "/nonexistent.yaml"], "config file not found"),
         (["--data", "{healthy}", "--config", "{badcfg}"], "unknown SFTConfig field(s): not_a_field"),
-        (["--data", "{healthy}", "--prompt-leakage-threshold", "2"], "must be a ratio between 0 and 1"),
+        (["--data", "{healthy}", "--prompt-leakage-threshold", "2"], "expected a number between 0 and 1"),
         (["--data", "{healthy}", "--sample", "0"], "--sample must be at least 1"),
         (["--data", "{txt}"], "unsupported file type '.txt'"),
         (["--data", "{healthy}", "--packing", "--max-length", "none"], "TRL could not prepare the data"),

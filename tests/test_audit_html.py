@@ -94,6 +94,7 @@ def page(tmp_path_factory, tokenizers_dir):
 
     from mask_monitor.audit.pipeline import AuditOptions, run_audit
     from mask_monitor.audit.report import render_html
+    from mask_monitor.config import MonitorConfig
 
     tok_path = str(tokenizers_dir / "TinyLlama-1.1B-Chat-v1.0__composed")
     tok = AutoTokenizer.from_pretrained(tok_path)
@@ -109,7 +110,7 @@ def page(tmp_path_factory, tokenizers_dir):
     d = tmp_path_factory.mktemp("html")
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_audit(AuditOptions(tokenizer=tok_path, data=str(d / "rows.jsonl"), sft={"max_length": None},
-                                    show=4), tokenizer=tok)
+                                    show=4, monitor=MonitorConfig(prompt_leakage="abort")), tokenizer=tok)
     out = d / "report.html"
     out.write_text(render_html(result, show=4), encoding="utf-8")
     return out, result

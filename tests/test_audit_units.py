@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 
 from mask_monitor.audit import counting, data, report  # noqa: E402
 from mask_monitor.audit.data import load_data  # noqa: E402
-from mask_monitor.audit.pipeline import AuditOptions, judge, run_audit  # noqa: E402
+from mask_monitor.audit.pipeline import AuditOptions, run_audit  # noqa: E402
 from mask_monitor.audit.prepare import PreStats  # noqa: E402
 from mask_monitor.cli._errors import UsageError  # noqa: E402
 from mask_monitor.config import MonitorConfig  # noqa: E402
@@ -143,21 +143,26 @@ def test_formats_text_and_assistant_masks(tmp_path, tok, tok_path):
 
 
 @pytest.mark.slow
-def test_verdict_thresholds_come_from_monitor_config(tmp_path, tok, tok_path):
+def test_verdict_comes_from_the_callbacks_policy(tmp_path, tok, tok_path):
     msgs = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
             for i in range(5)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in msgs))
-    r = run_audit(AuditOptions(tokenizer=tok_path, data=str(tmp_path / "m.jsonl")), tokenizer=tok)
+
+    def audit(**config):
+        opts = AuditOptions(tokenizer=tok_path, data=str(tmp_path / "m.jsonl"), monitor=MonitorConfig(**config))
+        return run_audit(opts, tokenizer=tok)
+
+    r = audit()
     leak = r.leakage_ratio
-    assert 0 < leak < 1 and r.exit_code == 1
+    assert 0 < leak < 1
     assert r.totals.prompt_leakage_tokens == sum(
         len(tok.apply_chat_template(m["messages"][:1], tokenize=True, return_dict=False)) - 1 for m in msgs)
-
-    def checks(cfg, allow=False):
-        return {(f.check, f.severity) for f in judge(r, cfg, allow)}
-
-    assert ("prompt_leakage", "blocking") in checks(MonitorConfig())
-    above = MonitorConfig.resolve(env={"MASK_MONITOR_PROMPT_LEAKAGE_THRESHOLD": str(leak + 0.01)})
-    assert "prompt_leakage" not in {c for c, _ in checks(above)}
-    assert ("prompt_leakage", "warning") in checks(MonitorConfig(), allow=True)
+    # the default action of prompt_leakage is the callback's: warn, exit 0
+    assert ("prompt_leakage", "warning") in {(f.check, f.severity) for f in r.findings} and r.exit_code == 0
+    r = audit(prompt_leakage="abort")
+    assert ("prompt_leakage", "blocking") in {(f.check, f.severity) for f in r.findings} and r.exit_code == 1
+    r = audit(prompt_leakage="abort", prompt_leakage_threshold=leak + 0.01)
+    assert "prompt_leakage" not in {f.check for f in r.findings} and r.exit_code == 0
+    r = audit(prompt_leakage="off")
+    assert "prompt_leakage" not in {f.check for f in r.findings}
     assert FIELDS.index("prompt_leakage_tokens") >= 0  # the counted field is the callback's

@@ -10,6 +10,6 @@
 The command line is ``mask-monitor audit`` (:mod:`mask_monitor.cli.audit`).
 """
 
-from .pipeline import AuditOptions, AuditResult, Finding, judge, run_audit
+from .pipeline import AuditOptions, AuditResult, run_audit
 
-__all__ = ["AuditOptions", "AuditResult", "Finding", "judge", "run_audit"]
+__all__ = ["AuditOptions", "AuditResult", "run_audit"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli._errors import UsageError
+from ..errors import InputError
 
 __all__ = ["LoadedData", "load_data", "describe_format", "is_conversational_example", "FILE_BUILDERS"]
 
@@ -87,7 +87,7 @@ def _load(spec: str, split: str, streaming: bool) -> tuple[Any, str]:
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
-                        raise UsageError(f"{spec}: no split {split!r} (splits: {', '.join(ds)})")
+                        raise InputError(f"{spec}: no split {split!r} (splits: {', '.join(ds)})")
                     ds = ds[split]
                 if streaming:
                     ds = ds.to_iterable_dataset()
@@ -96,20 +96,20 @@ def _load(spec: str, split: str, streaming: bool) -> tuple[Any, str]:
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise UsageError(
+                raise InputError(
                     f"{spec}: unsupported file type {path.suffix!r} (use one of {', '.join(sorted(FILE_BUILDERS))})"
                 )
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
             return ds, f"{path.suffix.lower().lstrip('.')} file"
         looks_local = spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_BUILDERS
         if looks_local or spec.count("/") > 1:
-            raise UsageError(f"data not found: {spec}")
+            raise InputError(f"data not found: {spec}")
         return datasets.load_dataset(spec, split=split, streaming=streaming), "hub dataset"
-    except UsageError:
+    except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is an input error with one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"could not read data {spec!r}: {first}") from exc
+        raise InputError(f"could not read data {spec!r}: {first}") from exc
 
 
 def _reservoir(iterable: Any, k: int, seed: int) -> list[dict[str, Any]]:
@@ -137,13 +137,13 @@ def load_data(
     """Load ``spec`` (a file, a folder, or a hub dataset name) and optionally sample it.
 
     Raises:
-        UsageError: missing file, unsupported file type, unreadable data, empty dataset.
+        InputError: missing file, unsupported file type, unreadable data, empty dataset.
     """
     import datasets
 
     ds, source = _load(spec, split, streaming)
     if sample is not None and sample <= 0:
-        raise UsageError(f"--sample must be positive, got {sample}")
+        raise InputError(f"--sample must be positive, got {sample}")
     if isinstance(ds, datasets.IterableDataset):
         total = None
         sampled = None
@@ -152,7 +152,7 @@ def load_data(
             total = None
             sampled = len(rows)
             if not rows:
-                raise UsageError(f"{spec}: the dataset is empty")
+                raise InputError(f"{spec}: the dataset is empty")
             ds = datasets.Dataset.from_list(rows)
             # the sample is small by construction; keep it in memory but still lazily prepared
             ds = ds.to_iterable_dataset()
@@ -160,11 +160,11 @@ def load_data(
             try:
                 next(iter(ds))
             except StopIteration:
-                raise UsageError(f"{spec}: the dataset is empty") from None
+                raise InputError(f"{spec}: the dataset is empty") from None
         return LoadedData(ds, source, True, total, sampled)
     total = len(ds)
     if total == 0:
-        raise UsageError(f"{spec}: the dataset is empty")
+        raise InputError(f"{spec}: the dataset is empty")
     sampled = None
     if sample is not None and sample < total:
         rng = random.Random(seed)

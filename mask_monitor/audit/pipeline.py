@@ -21,14 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from ..cli._errors import UsageError
+from ..checks import Finding
 from ..config import MonitorConfig
+from ..counters import COUNTERS
+from ..errors import InputError
+from ..policy import Policy
 from ..reports import Totals
 from .counting import AuditCounter, SequenceRecord
 from .data import describe_format, load_data
 from .prepare import build_sft_config, label_settings, prepare
 
-__all__ = ["AuditOptions", "AuditResult", "Finding", "run_audit", "load_tokenizer", "judge", "HIST_EDGES"]
+__all__ = ["AuditOptions", "AuditResult", "run_audit", "load_tokenizer", "HIST_EDGES"]
 
 #: bin edges of the per-example supervised-ratio histogram
 HIST_EDGES: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(21))
@@ -51,19 +54,7 @@ class AuditOptions:
     show: int = 0
     keep_worst: int = 10
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    allow_prompt_training: bool = False
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One verdict line: ``blocking`` findings make the exit code 1."""
-
-    check: str
-    severity: str  # "blocking" | "warning"
-    message: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"check": self.check, "severity": self.severity, "message": self.message}
+    fail_on: str = "abort"  # "abort": exit 1 on abort-level findings; "warn": on any finding
 
 
 @dataclass
@@ -98,24 +89,26 @@ class AuditResult:
     trl_messages: list[str]
     seconds: dict[str, float]
     thresholds: dict[str, float]
-    allow_prompt_training: bool
+    fail_on: str
     decode: Callable[[list[int]], list[str]] | None = None
 
     @property
     def blocking(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "blocking"]
+        """Findings whose configured action is ``abort`` (they make the exit code 1)."""
+        return [f for f in self.findings if f.action == "abort"]
 
     @property
     def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
+        return [f for f in self.findings if f.action == "warn"]
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.blocking else 0
+        failing = self.findings if self.fail_on == "warn" else self.blocking
+        return 1 if failing else 0
 
     @property
     def verdict(self) -> str:
-        return "blocked" if self.blocking else "healthy"
+        return "blocked" if self.exit_code else "healthy"
 
     @property
     def leakage_ratio(self) -> float | None:
@@ -161,8 +154,8 @@ class AuditResult:
         return {
             "verdict": self.verdict,
             "exit_code": self.exit_code,
-            "blocking": [f.as_dict() for f in self.blocking],
-            "warnings": [f.as_dict() for f in self.warnings],
+            "blocking": [_finding_dict(f) for f in self.blocking],
+            "warnings": [_finding_dict(f) for f in self.warnings],
             "tokenizer": self.tokenizer,
             "data": self.data,
             "data_source": self.data_source,
@@ -175,7 +168,7 @@ class AuditResult:
             "training_chat_template": self.training_chat_template,
             "padding_free": self.padding_free,
             "thresholds": self.thresholds,
-            "allow_prompt_training": self.allow_prompt_training,
+            "fail_on": self.fail_on,
             "examples_total": self.examples_total,
             "examples_in": self.examples_in,
             "sampled": self.sampled,
@@ -194,6 +187,11 @@ class AuditResult:
         }
 
 
+def _finding_dict(f: Finding) -> dict[str, Any]:
+    return {"check": f.check, "action": f.action, "severity": "blocking" if f.action == "abort" else "warning",
+            "message": f.message}
+
+
 def load_tokenizer(spec: str) -> Any:
     """``AutoTokenizer.from_pretrained(spec)``; failures are input errors (exit 2)."""
     from transformers import AutoTokenizer
@@ -203,7 +201,7 @@ def load_tokenizer(spec: str) -> Any:
     except Exception as exc:  # noqa: BLE001
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
-        raise UsageError(f"could not load tokenizer {spec!r}: {first}") from exc
+        raise InputError(f"could not load tokenizer {spec!r}: {first}") from exc
 
 
 def _role_tagger(tokenizer: Any, mode: str) -> tuple[Any, str | None, str | None]:
@@ -226,67 +224,6 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def judge(result: AuditResult, cfg: MonitorConfig, allow_prompt_training: bool) -> list[Finding]:
-    """Blocking findings and warnings. Blocking: every example fully masked, fully masked (or dropped)
-    share over ``fully_masked_share_threshold``, prompt leakage over ``prompt_leakage_threshold``."""
-    t = result.totals
-    out: list[Finding] = []
-    n_seq = int(t.sequences)
-    if n_seq == 0:
-        out.append(Finding("all_masked", "blocking",
-                           f"no example reaches training: all {result.examples_in} were dropped by TRL "
-                           "as fully masked (or have no target token)"))
-    elif t.supervised_tokens == 0:
-        out.append(Finding("all_masked", "blocking",
-                           f"every example is fully masked: 0 of {int(t.target_tokens)} target tokens are "
-                           "supervised; the loss is 0 and the model learns nothing"))
-    lost = result.lost_share
-    fm = int(t.fully_masked_sequences) + result.dropped
-    if n_seq and t.supervised_tokens > 0 and fm:
-        msg = (f"{fm} of {n_seq + result.dropped} examples ({_pct(lost)}) are fully masked or dropped as "
-               f"fully masked (threshold {_pct(cfg.fully_masked_share_threshold)})")
-        severity = "blocking" if lost is not None and lost > cfg.fully_masked_share_threshold else "warning"
-        out.append(Finding("fully_masked_share", severity, msg))
-    leak = result.leakage_ratio
-    if leak is not None and t.supervised_tokens > 0 and leak > cfg.prompt_leakage_threshold:
-        msg = (f"prompt leakage {_pct(leak)}: {int(t.prompt_leakage_tokens)} of {int(t.audited_supervised_tokens)} "
-               f"supervised tokens are prompt (system/user) tokens (threshold "
-               f"{_pct(cfg.prompt_leakage_threshold)})")
-        if allow_prompt_training:
-            out.append(Finding("prompt_leakage", "warning", msg + "; accepted by --allow-prompt-training"))
-        else:
-            hint = ("; set assistant_only_loss / completion_only_loss, or pass --allow-prompt-training "
-                    "if training on prompts is intended")
-            out.append(Finding("prompt_leakage", "blocking", msg + hint))
-    if result.role_audit and t.supervised_tokens > 0:
-        cov = t.response_coverage_ratio
-        if cov is not None and cov < cfg.response_coverage_threshold:
-            missed = int(t.assistant_content_tokens - t.supervised_assistant_content_tokens)
-            out.append(Finding("response_coverage", "warning",
-                               f"response coverage {_pct(cov)}: {missed} assistant tokens are not supervised "
-                               f"(threshold {_pct(cfg.response_coverage_threshold)})"))
-        eot = t.eot_supervised_ratio
-        if eot is not None and eot < 1.0:
-            missed = int(t.assistant_turns - t.supervised_eot_turns)
-            out.append(Finding("eot_unsupervised", "warning",
-                               f"{missed} of {int(t.assistant_turns)} assistant end-of-turn tokens are not "
-                               "supervised: the model may not learn to stop"))
-    if not result.role_audit and t.unmasked_sequences and t.supervised_tokens > 0:
-        out.append(Finding("unmasked", "warning",
-                           f"{int(t.unmasked_sequences)} of {n_seq} examples have no masking at all "
-                           "(every token is trained on)"))
-    if t.supervised_padding_tokens:
-        out.append(Finding("supervised_padding", "warning",
-                           f"{int(t.supervised_padding_tokens)} supervised targets are padding or cross a "
-                           "packed-document boundary"))
-    if result.truncated_examples:
-        lost_sup = max(result.supervised_before_truncation - int(t.supervised_tokens), 0)
-        out.append(Finding("truncation", "warning",
-                           f"{result.truncated_examples} examples are longer than max_length="
-                           f"{result.settings.get('max_length')}; {lost_sup} supervised tokens are cut off"))
-    return out
-
-
 def run_audit(
     options: AuditOptions,
     *,
@@ -300,7 +237,7 @@ def run_audit(
         tokenizer: an already loaded tokenizer (skips loading ``options.tokenizer``).
 
     Raises:
-        UsageError: unreadable inputs or settings (the CLI turns it into exit code 2).
+        InputError: unreadable inputs or settings (the CLI turns it into exit code 2).
     """
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -367,6 +304,17 @@ def run_audit(
     role_audit = tagger is not None and (totals.assistant_content_tokens > 0 or totals.assistant_turns > 0)
     if tagger is not None and not role_audit:
         note = f"{family} template markers not found in the data: prompt-leakage audit off"
+    # the dataset as the policy sees it: what reaches training, plus what preparation dropped or cut
+    counts = totals.as_dict()
+    if not role_audit:
+        counts.update({c.name: 0 for c in COUNTERS if c.template})
+    supervised_before = int(pre_sup_np.sum())
+    counts.update(
+        dropped_sequences=dropped,
+        truncated_sequences=truncated,
+        truncated_supervised_tokens=max(supervised_before - int(totals.supervised_tokens), 0) if truncated else 0,
+    )
+    totals = Totals.from_mapping(counts)
 
     def decode(ids: list[int]) -> list[str]:
         return tok.convert_ids_to_tokens(ids)
@@ -393,7 +341,7 @@ def run_audit(
         dropped_reasons=dropped_reasons,
         fully_masked_reasons=fully_reasons,
         truncated_examples=truncated,
-        supervised_before_truncation=int(pre_sup_np.sum()),
+        supervised_before_truncation=supervised_before,
         ratios=np.frombuffer(counter.ratios, dtype=np.float32).astype(np.float64),
         worst=counter.worst(),
         shown=shown,
@@ -405,9 +353,9 @@ def run_audit(
             "prompt_leakage_threshold": options.monitor.prompt_leakage_threshold,
             "response_coverage_threshold": options.monitor.response_coverage_threshold,
         },
-        allow_prompt_training=options.allow_prompt_training,
+        fail_on=options.fail_on,
         decode=decode,
     )
-    result.findings = judge(result, options.monitor, options.allow_prompt_training)
+    result.findings = Policy(options.monitor).evaluate(totals, scope="dataset")
     seconds["total"] = time.perf_counter() - t0
     return result

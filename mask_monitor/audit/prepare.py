@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cli._errors import UsageError
+from ..errors import InputError
 from .data import LoadedData, is_conversational_example
 
 __all__ = [
@@ -98,7 +98,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UsageError(f"config file not found: {path}")
+        raise InputError(f"config file not found: {path}")
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix.lower() == ".json":
@@ -109,11 +109,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"could not parse config {path}: {first}") from exc
+        raise InputError(f"could not parse config {path}: {first}") from exc
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise UsageError(f"config {path}: expected a mapping of SFTConfig fields, got {type(data).__name__}")
+        raise InputError(f"config {path}: expected a mapping of SFTConfig fields, got {type(data).__name__}")
     for key in ("sft", "sft_config", "args", "training_args"):
         if len(data) == 1 and isinstance(data.get(key), Mapping):
             data = data[key]
@@ -132,14 +132,14 @@ def build_sft_config(values: Mapping[str, Any], output_dir: str | None = None) -
     """An ``SFTConfig`` from ``values`` (config file merged with CLI options), safe to build on a CPU.
 
     Raises:
-        UsageError: unknown field names, or values SFTConfig rejects.
+        InputError: unknown field names, or values SFTConfig rejects.
     """
     from trl import SFTConfig
 
     known = _sft_fields()
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UsageError(f"unknown SFTConfig field(s): {', '.join(unknown)}")
+        raise InputError(f"unknown SFTConfig field(s): {', '.join(unknown)}")
     kwargs = {k: v for k, v in values.items() if k != "output_dir"}
     kwargs.update({k: v for k, v in _FORCED.items() if k in known})
     kwargs["output_dir"] = output_dir or tempfile.mkdtemp(prefix="mask-monitor-audit-")
@@ -147,7 +147,7 @@ def build_sft_config(values: Mapping[str, Any], output_dir: str | None = None) -
         with _quiet():
             return SFTConfig(**kwargs)
     except Exception as exc:  # noqa: BLE001 - SFTConfig validates its values
-        raise UsageError(f"invalid SFTConfig: {_first_line(exc)}") from exc
+        raise InputError(f"invalid SFTConfig: {_first_line(exc)}") from exc
 
 
 def label_settings(args: Any) -> dict[str, Any]:
@@ -351,7 +351,7 @@ def _check_chat_template(tokenizer: Any, example: dict[str, Any], args: Any) -> 
         conversational = False
     if conversational and not getattr(tokenizer, "chat_template", None) and not args.chat_template_path:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise UsageError(
+        raise InputError(
             f"tokenizer {name} has no chat template, but the data is conversational "
             "(set chat_template_path in --config or use a tokenizer with a template)"
         )
@@ -368,7 +368,7 @@ def prepare(
     """Prepare ``data`` exactly as ``SFTTrainer(args=args, processing_class=tokenizer)`` would.
 
     Raises:
-        UsageError: settings TRL refuses, no chat template for conversational data, unreadable rows.
+        InputError: settings TRL refuses, no chat template for conversational data, unreadable rows.
     """
     import datasets
 
@@ -401,10 +401,10 @@ def prepare(
             args1 = type(args)(**stage1)
         try:
             t1 = _trainer(model, tokenizer, args1, ds, capture)
-        except UsageError:
+        except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - TRL refuses the settings or the data
-            raise UsageError(f"TRL could not prepare the data with these settings: {_first_line(exc)}") from exc
+            raise InputError(f"TRL could not prepare the data with these settings: {_first_line(exc)}") from exc
         ds1 = t1.train_dataset
         seconds["trl_pass1"] = time.perf_counter() - clock
         clock = time.perf_counter()
@@ -448,7 +448,7 @@ def prepare(
         try:
             t2 = _trainer(model, tokenizer, args2, ds1, capture)
         except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"TRL could not prepare the data with these settings: {_first_line(exc)}") from exc
+            raise InputError(f"TRL could not prepare the data with these settings: {_first_line(exc)}") from exc
         final = t2.train_dataset
         seconds["trl_pass2"] = time.perf_counter() - clock
         columns = tuple(final.column_names or next(iter(final)).keys())

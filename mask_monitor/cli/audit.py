@@ -1,7 +1,9 @@
 """``mask-monitor audit``: pre-flight audit of a dataset with TRL's own preparation, on the CPU.
 
-Exit codes: 0 healthy, 1 a blocking finding (every example fully masked, fully masked share over the
-threshold, prompt leakage over the threshold), 2 a usage or input error (one line on stderr).
+The verdict is the training callback's: the same checks, the same :class:`~mask_monitor.config.MonitorConfig`
+(``--set CHECK=abort|warn|off``, ``--set THRESHOLD=VALUE``, ``MASK_MONITOR_*`` variables). Exit codes: 0
+healthy, 1 a finding whose action is ``abort`` (with ``--fail-on warn``: any finding), 2 a usage or input
+error (one line on stderr).
 
 Example::
 
@@ -84,15 +86,19 @@ def register(subparsers: Any) -> None:
     big.add_argument("--streaming", action="store_true", help="read and prepare lazily (bounded memory, no disk)")
     big.add_argument("--batch-size", type=int, default=256, help="rows per collated batch (default: 256)")
     big.add_argument("--no-progress", action="store_true", help="no progress bars")
-    chk = p.add_argument_group("verdict")
-    chk.add_argument("--allow-prompt-training", action="store_true",
-                     help="accept prompt tokens in the loss (leakage becomes a warning)")
+    chk = p.add_argument_group("verdict (the training callback's checks and MonitorConfig)")
+    chk.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="a MonitorConfig setting, e.g. prompt_leakage=abort or prompt_leakage_threshold=0.1 "
+                     "(repeatable; overrides MASK_MONITOR_* variables)")
+    chk.add_argument("--fail-on", choices=["abort", "warn"], default="abort",
+                     help="exit 1 on findings whose action is abort (default), or on any finding")
     chk.add_argument("--fully-masked-threshold", type=float,
-                     help="block when the share of fully masked/dropped examples exceeds this (default 0.5)")
-    chk.add_argument("--prompt-leakage-threshold", type=float,
-                     help="block when prompt tokens exceed this share of supervised tokens (default 0.05)")
+                     help="same as --set fully_masked_share_threshold=X")
+    chk.add_argument("--prompt-leakage-threshold", type=float, help="same as --set prompt_leakage_threshold=X")
     chk.add_argument("--response-coverage-threshold", type=float,
-                     help="warn when fewer assistant tokens are supervised (default 0.9)")
+                     help="same as --set response_coverage_threshold=X")
+    chk.add_argument("--allow-prompt-training", action="store_true",
+                     help="deprecated: same as --set prompt_leakage=warn (the default)")
     chk.add_argument("--template", choices=["auto", "none"], default="auto",
                      help="chat-template audit (prompt leakage, coverage, end of turn): auto or none")
     out = p.add_argument_group("output")
@@ -124,7 +130,16 @@ def build_options(args: argparse.Namespace) -> Any:
             raise UsageError(f"{name} must be at least 1, got {value}")
     if args.show < 0:
         raise UsageError(f"--show must be >= 0, got {args.show}")
-    given = {field: getattr(args, opt) for opt, field in _THRESHOLDS.items()}
+    given: dict[str, Any] = {field: getattr(args, opt) for opt, field in _THRESHOLDS.items()}
+    if args.allow_prompt_training:
+        print("mask-monitor: --allow-prompt-training is deprecated: prompt leakage is a warning unless "
+              "prompt_leakage=abort", file=sys.stderr)
+        given["prompt_leakage"] = "warn"
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected NAME=VALUE")
+        given[name.strip()] = value
     try:
         monitor = MonitorConfig.resolve(given)
     except (TypeError, ValueError) as exc:
@@ -143,7 +158,7 @@ def build_options(args: argparse.Namespace) -> Any:
         show=args.show,
         keep_worst=max(10, args.show),
         monitor=monitor,
-        allow_prompt_training=args.allow_prompt_training,
+        fail_on=args.fail_on,
     )
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from ._errors import EXIT_USAGE, UsageError, report_error
+from ._errors import EXIT_USAGE, report_error
 
 __all__ = ["main", "build_parser"]
 
@@ -45,9 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except UsageError as exc:
-        return report_error(exc)
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line and an exit code, not a traceback
         return report_error(exc)
 
 

@@ -12,9 +12,10 @@ only exception the group lets through.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
+from ..checks import Finding
 from ..errors import MaskMonitorAbort
 from ..reports import RunInfo, StepReport, WindowReport
 
@@ -25,22 +26,6 @@ logger = logging.getLogger("mask_monitor")
 
 class SinkConfigError(RuntimeError):
     """A sink's configuration cannot work (raised at train begin, before any training step)."""
-
-
-class Finding:
-    """One verdict of the policy about one step: a check fired, with an action and the numbers."""
-
-    __slots__ = ("check", "action", "step", "message", "numbers")
-
-    def __init__(self, check: str, action: str, step: int, message: str, numbers: Mapping[str, Any]):
-        self.check = check
-        self.action = action
-        self.step = step
-        self.message = message
-        self.numbers = dict(numbers)
-
-    def __repr__(self) -> str:
-        return f"Finding({self.check!r}, {self.action!r}, step={self.step})"
 
 
 class Sink:

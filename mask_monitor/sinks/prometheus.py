@@ -51,8 +51,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from ..config import CHECKS
-from ..errors import ABORT_REASONS, MaskMonitorAbort
+from ..checks import CHECKS
+from ..counters import COUNTERS as DECLARED_COUNTERS
+from ..errors import MaskMonitorAbort
 from ..reports import HISTOGRAM_BUCKETS, RunInfo, StepReport, Totals, WindowReport
 from .base import Finding, Sink, SinkConfigError
 
@@ -90,69 +91,8 @@ ABORT_SCRAPES = 2
 
 PREFIX = "mask_monitor_"
 
-#: Totals field -> (metric name without ``_total``, help). Each is a counter of this rank's counts.
-COUNTERS: dict[str, tuple[str, str]] = {
-    "micro_batches": ("micro_batches", "Training micro-batches audited."),
-    "sequences": ("sequences", "Sequences (rows or packed documents) with at least one target slot."),
-    "target_tokens": (
-        "target_tokens",
-        "Target slots: positions a causal-LM loss can train on (after the shift, padding excluded).",
-    ),
-    "supervised_tokens": (
-        "supervised_tokens",
-        "Target slots whose label is not ignore_index: the tokens the loss really trains on.",
-    ),
-    "masked_tokens": ("masked_tokens", "Target slots whose label is ignore_index (-100): not trained on."),
-    "supervised_padding_tokens": (
-        "supervised_padding_tokens",
-        "Supervised targets on padding or across a packed-document boundary.",
-    ),
-    "fully_masked_sequences": ("fully_masked_sequences", "Sequences with no supervised target at all."),
-    "unmasked_sequences": (
-        "unmasked_sequences",
-        "Sequences in which every target is supervised (no masking).",
-    ),
-    "all_masked_batches": (
-        "all_masked_batches",
-        "Micro-batches with no supervised target: every label is -100, the gradient is zero.",
-    ),
-    "unmasked_batches": (
-        "unmasked_batches",
-        "Micro-batches with no masked target at all (prompt tokens trained on unless pretraining).",
-    ),
-    "loss_batches": ("loss_batches", "Micro-batches whose forward returned a loss."),
-    "zero_loss_batches": (
-        "zero_loss_batches",
-        "Micro-batches with supervised targets whose loss is exactly 0.",
-    ),
-    "non_finite_loss_batches": ("non_finite_loss_batches", "Micro-batches whose loss is NaN or infinite."),
-    "audited_supervised_tokens": (
-        "audited_supervised_tokens",
-        "Supervised targets in batches whose chat template was recognised (denominator of prompt leakage).",
-    ),
-    "prompt_leakage_tokens": (
-        "prompt_leakage_tokens",
-        "Supervised targets that are prompt tokens (system, user, other text): the model learns prompts.",
-    ),
-    "supervised_header_tokens": (
-        "supervised_header_tokens",
-        "Supervised targets that are assistant-turn headers (e.g. TRL generation spans that include the header);"
-        " not counted as prompt leakage.",
-    ),
-    "assistant_content_tokens": (
-        "assistant_content_tokens",
-        "Target slots that are assistant response content (denominator of response coverage).",
-    ),
-    "supervised_assistant_content_tokens": (
-        "supervised_assistant_content_tokens",
-        "Assistant response content targets that are supervised.",
-    ),
-    "assistant_turns": ("assistant_turns", "Assistant turns closed by an end-of-turn token."),
-    "supervised_eot_turns": (
-        "supervised_eot_turns",
-        "Assistant turns whose end-of-turn token is supervised (the model learns to stop).",
-    ),
-}
+#: Totals field -> (metric name without ``_total``, help): every counter declared for Prometheus.
+COUNTERS: dict[str, tuple[str, str]] = {c.name: (c.name, c.help) for c in DECLARED_COUNTERS if c.prometheus}
 
 #: Last-step gauge name (without prefix) -> help.
 GAUGES: dict[str, str] = {
@@ -199,7 +139,7 @@ class _State:
         self.totals = Totals()
         self.steps = 0
         self.gauges: dict[str, float] = {}
-        self.aborts: dict[str, float] = dict.fromkeys(ABORT_REASONS, 0.0)
+        self.aborts: dict[str, float] = dict.fromkeys(CHECKS, 0.0)
         self.warnings: dict[str, float] = dict.fromkeys(CHECKS, 0.0)
         self.bucket_counts = [0] * len(HISTOGRAM_BUCKETS)
         self.hist_sum = 0.0

@@ -46,7 +46,8 @@ from typing import Any
 
 import torch
 
-from ..config import CHECKS
+from ..checks import CHECKS
+from ..counters import COUNTERS, RATIOS
 from ..errors import MaskMonitorAbort
 from ..reports import RunInfo, StepReport, Totals, WindowReport
 from ..stats import SLOT_STATUSES, as_dict, batch_stats, slot_status
@@ -85,37 +86,10 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "tokens",
 )
 
-_RATIOS = (
-    "masked_ratio",
-    "supervised_ratio",
-    "fully_masked_sequence_ratio",
-    "prompt_leakage_ratio",
-    "response_coverage_ratio",
-    "eot_supervised_ratio",
-)
-_COUNTS = (
-    "micro_batches",
-    "sequences",
-    "target_tokens",
-    "supervised_tokens",
-    "masked_tokens",
-    "fully_masked_sequences",
-    "unmasked_sequences",
-    "all_masked_batches",
-    "unmasked_batches",
-    "zero_loss_batches",
-    "non_finite_loss_batches",
-    "supervised_padding_tokens",
-)
-#: Counts that exist only when a chat template is known (the prompt-leakage audit).
-_TEMPLATE_COUNTS = (
-    "audited_supervised_tokens",
-    "prompt_leakage_tokens",
-    "assistant_content_tokens",
-    "supervised_assistant_content_tokens",
-    "assistant_turns",
-    "supervised_eot_turns",
-)
+_RATIOS = tuple(r.name for r in RATIOS if r.name != "mean_loss")
+#: Counts of every history row, and those that exist only when a chat template is known.
+_COUNTS = tuple(c.name for c in COUNTERS if c.prometheus and not c.template)
+_TEMPLATE_COUNTS = tuple(c.name for c in COUNTERS if c.prometheus and c.template)
 _WORST = ("worst_batch_masked_ratio", "worst_batch_step", "worst_batch_rank")
 
 #: Every history key the sink may write (ratios are left out of a row where undefined, template
@@ -127,18 +101,10 @@ HISTORY_KEYS: tuple[str, ...] = tuple(
 
 #: Run-summary aggregates W&B keeps for a history key (``define_metric(..., summary=...)``).
 METRIC_SUMMARIES: dict[str, str] = {
-    PREFIX + "masked_ratio": "max,mean,last",
-    PREFIX + "fully_masked_sequence_ratio": "max,mean,last",
-    PREFIX + "prompt_leakage_ratio": "max,mean,last",
-    PREFIX + "supervised_ratio": "min,mean,last",
-    PREFIX + "response_coverage_ratio": "min,mean,last",
-    PREFIX + "eot_supervised_ratio": "min,last",
+    **{PREFIX + r.name: r.summary for r in RATIOS if r.name in _RATIOS},
     PREFIX + "worst_batch_masked_ratio": "max,last",
-    PREFIX + "fully_masked_sequences": "max,last",
-    PREFIX + "all_masked_batches": "max,last",
-    PREFIX + "zero_loss_batches": "max,last",
-    PREFIX + "non_finite_loss_batches": "max,last",
-    PREFIX + "prompt_leakage_tokens": "max,last",
+    **{PREFIX + k: "max,last" for k in ("fully_masked_sequences", "all_masked_batches", "zero_loss_batches",
+                                         "non_finite_loss_batches", "prompt_leakage_tokens")},
 }
 
 _ROW_KEYS = ("input_ids", "labels", "shift_labels", "attention_mask", "position_ids", "roles")
