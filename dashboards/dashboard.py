@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from mask_monitor.counters import COUNTERS
+
 __all__ = ["build", "PANELS", "ANNOTATION_EXPR", "Panel", "UID"]
 
 UID = "mask-monitor"
@@ -24,6 +26,11 @@ DS = "${datasource}"
 J = '{job=~"$job"}'
 R = '{job=~"$job", rank=~"$rank"}'
 RI = "[$__rate_interval]"
+
+
+def _counters(unit: str) -> tuple[str, ...]:
+    """The exported counters of one unit, in declaration order (mask_monitor.counters is the one list)."""
+    return tuple(c.name for c in COUNTERS if c.prometheus and c.unit == unit)
 
 
 def _ratio(num: str, den: str, by: str, sel: str = J) -> str:
@@ -171,29 +178,22 @@ _ROWS: list[tuple[str, list[Panel]]] = [
             Panel(
                 "timeseries",
                 "Micro-batch events",
-                "Micro-batches audited, and those with every label masked, no label masked, loss exactly 0, "
-                "a NaN/inf loss, per rate interval and rank.",
+                "Every micro-batch counter (mask_monitor.counters): audited, labels unreadable, with a loss, every "
+                "label masked, no label masked, loss exactly 0, a NaN/inf loss, per rate interval and rank.",
                 "short",
                 tuple(
                     (f"sum by (rank) (increase(mask_monitor_{m}_total{R}{RI}))", f"{m} rank {{{{rank}}}}")
-                    for m in (
-                        "micro_batches",
-                        "loss_batches",
-                        "all_masked_batches",
-                        "unmasked_batches",
-                        "zero_loss_batches",
-                        "non_finite_loss_batches",
-                    )
+                    for m in _counters("micro-batches")
                 ),
             ),
             Panel(
                 "timeseries",
                 "Sequences / s",
-                "Sequences and fully masked sequences per second, per rank.",
+                "Every sequence counter (mask_monitor.counters) per second, per rank.",
                 "short",
                 tuple(
                     (f"sum by (rank) (rate(mask_monitor_{m}_total{R}{RI}))", f"{m} rank {{{{rank}}}}")
-                    for m in ("sequences", "fully_masked_sequences", "unmasked_sequences")
+                    for m in _counters("sequences")
                 ),
             ),
         ],

@@ -78,17 +78,22 @@ class MaskAuditor:
     # ---------------------------------------------------------------- per micro-batch (hot path)
     def update(
         self,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         *,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
         loss: torch.Tensor | float | None = None,
+        causal: bool = True,
     ) -> None:
-        """Audit one micro-batch. Tensors stay on their device; nothing is read back."""
+        """Audit one micro-batch. Tensors stay on their device; nothing is read back.
+
+        ``causal=False`` for encoder-decoder models (``labels`` are decoder targets, not shifted;
+        ``attention_mask`` is the decoder's); see :func:`~mask_monitor.stats.batch_stats`.
+        """
         roles = None
-        if self.role_tagger is not None and input_ids is not None:
+        if self.role_tagger is not None and input_ids is not None and causal:
             roles = self.role_tagger(input_ids, position_ids)
         vec = batch_stats(
             labels,
@@ -98,18 +103,31 @@ class MaskAuditor:
             loss=loss,
             roles=roles,
             ignore_index=self.ignore_index,
+            causal=causal,
         )
         self._device = vec.device
         self._pending.append(vec)
-        if self.evidence_rows > 0:
-            rows: dict[str, torch.Tensor] = {"labels": labels.detach()[: self.evidence_rows].clone()}
-            if input_ids is not None:
-                rows["input_ids"] = input_ids.detach()[: self.evidence_rows].clone()
-            for key, t in (("shift_labels", shift_labels), ("attention_mask", attention_mask),
-                           ("position_ids", position_ids), ("roles", roles)):
+        if self.evidence_rows > 0:  # one entry per micro-batch (empty when nothing is readable), aligned
+            rows: dict[str, torch.Tensor] = {}
+            for key, t in (("labels", labels), ("input_ids", input_ids), ("shift_labels", shift_labels),
+                           ("attention_mask", attention_mask), ("position_ids", position_ids), ("roles", roles)):
                 if isinstance(t, torch.Tensor) and t.dim() == 2:
                     rows[key] = t.detach()[: self.evidence_rows].clone()
             self._pending_rows.append(rows)
+
+    def reset(self) -> None:
+        """Forget everything: pending micro-batches, windows, run totals (a new run)."""
+        self._pending, self._pending_rows, self._last_rows = [], [], []
+        self.steps = 0
+        self.last_step = 0
+        self.run_total = Totals()
+        self.run_per_rank = []
+        self._window = []
+        self._worst = {}
+
+    def add_totals(self, totals: Totals) -> None:
+        """Add counts known outside any batch (e.g. rows the dataset preparation dropped) to the run totals."""
+        self.run_total = self.run_total + totals
 
     @property
     def pending_micro_batches(self) -> int:

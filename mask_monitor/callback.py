@@ -1,12 +1,18 @@
 """MaskMonitorCallback: the transformers / TRL adapter over :class:`~mask_monitor.auditor.MaskAuditor`.
 
-No Trainer event receives the batch or the loss, so the callback puts one forward hook on the model
-given to ``on_train_begin``. The hook reads ``labels`` (and ``input_ids``, ``attention_mask``,
-``position_ids``, ``shift_labels``) from the forward's keyword arguments and ``loss`` from its output,
-for training forwards only, and hands them to the auditor, which keeps everything on the device.
-``on_pre_optimizer_step`` closes the step: one exchange across ranks, one read-back, the policy's
-verdict, the sinks; an abort raises :class:`MaskMonitorAbort` there, before ``optimizer.step()``,
-so the offending update is never applied and no checkpoint is written after it.
+No Trainer event receives the batch or the loss, so the callback captures them where the Trainer computes
+the loss (:mod:`mask_monitor.capture`): it wraps the Trainer's ``compute_loss`` and reads the batch the
+Trainer hands it (labels included, even when label smoothing or a custom loss pops them before the model's
+forward) and the loss it returns, for training micro-batches only, and hands them to the auditor, which
+keeps everything on the device. The step is judged as soon as its last micro-batch's loss is known, before
+that micro-batch's backward: one exchange across ranks, one read-back, the policy's verdict, the sinks; an
+abort raises :class:`MaskMonitorAbort` there, so no engine applies the step (DeepSpeed steps inside
+``backward``), and no checkpoint is written after it. Without a reachable Trainer the callback falls back
+to a forward hook on the model and judges the step at ``on_pre_optimizer_step``.
+
+At ``on_init_end`` it also reads what the trainer's dataset preparation removed: TRL drops examples whose
+labels are all -100 before training starts (:mod:`mask_monitor.prepared`); a dataset where that is every
+example stops at ``SFTTrainer(...)`` with ``all_masked`` instead of a sampler error in ``train()``.
 
 Example:
     >>> from mask_monitor import MaskMonitorCallback
@@ -20,22 +26,24 @@ Use: ``SFTTrainer(..., callbacks=[MaskMonitorCallback()])``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ._version import __version__
 from .auditor import MaskAuditor
+from .capture import ForwardCapture, LossCapture, MicroBatch, find_trainer
 from .checks import Finding
 from .config import ConfigError, MonitorConfig
 from .distributed import local_rank, rank_and_world
 from .errors import MaskMonitorAbort
 from .evidence import write_evidence
 from .policy import Policy, first_abort
-from .reports import RunInfo, StepReport
+from .prepared import dropped_rows
+from .reports import RunInfo, StepReport, Totals
 from .sinks.base import Sink, SinkConfigError, SinkGroup
 from .sinks.logging import LoggingSink
 from .stats import UnsupportedBatch
@@ -43,8 +51,6 @@ from .stats import UnsupportedBatch
 __all__ = ["MaskMonitorCallback"]
 
 logger = logging.getLogger("mask_monitor")
-
-_BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "shift_labels")
 
 
 class MaskMonitorCallback(TrainerCallback, ExportableState):
@@ -116,12 +122,18 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self.aborted: str | None = None
         self.evidence_path: str | None = None
         self.last_report: StepReport | None = None
-        self._hooks: list[Any] = []
-        self._dedupe_key: tuple | None = None
+        self._strict = strict
+        self._capture: LossCapture | ForwardCapture | None = None
+        self._trainer: Any = None  # weakref to the Trainer found at init / train begin
         self._audited_step = -1
+        self._pending_step: int | None = None  # step whose micro-batches are pending (closed early or not)
+        self._seen_unsynced = False
         self._active = False
         self._warned: set[str] = set()
-        self._forwards_without_labels = 0
+        self._unread: dict[str, int] = {}  # field (and why) -> micro-batches audited without it
+        self._dataset = Totals()  # what the dataset preparation dropped (added to each train()'s totals)
+        self._dataset_details: dict[str, Any] = {}
+        self._dropped_reasons: dict[str, int] = {}
         self._output_dir: str | None = None
 
     # ------------------------------------------------------------------ public
@@ -133,17 +145,27 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         d["findings"] = dict(self.findings)
         d["first_step"] = dict(self.first_step)
         d["template_family"] = getattr(self.template, "family", None)
+        d["unread_fields"] = dict(self._unread)
+        if self._dropped_reasons:
+            d["dropped_reasons"] = dict(self._dropped_reasons)
         return d
 
     def state(self) -> dict[str, Any]:
         """Saved by the Trainer in each checkpoint's ``trainer_state.json`` (``stateful_callbacks``).
 
         On ``resume_from_checkpoint`` the callback restores its run totals from there by itself at train
-        begin. (With ``restore_callback_states_from_checkpoint=True`` transformers instead replaces the
-        callback object by a new default-configured one; leave that option off.)
+        begin. ``args`` carries the configuration the user gave (settings, ``strict``, a template named by
+        family), so ``restore_callback_states_from_checkpoint=True``, which rebuilds the callback as
+        ``MaskMonitorCallback(**args)``, rebuilds this monitor rather than a default one (sinks passed as
+        objects are not serialisable: pass them again).
         """
+        args: dict[str, Any] = dict(self.config.given())
+        if self._strict:
+            args["strict"] = True
+        if self.template_setting is None or isinstance(self.template_setting, str):
+            args["template"] = self.template_setting
         return {
-            "args": {},
+            "args": args,
             "attributes": {
                 "resume_state": {
                     "auditor": self.auditor.state_dict(),
@@ -231,40 +253,55 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             if sink is not None:
                 self.sinks.add(sink)
 
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    # ------------------------------------------------------------------ the forward hook (hot path)
-    def _forward_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self._active or not module.training:
-            return
-        labels = kwargs.get("labels")
-        if labels is None:
-            self._forwards_without_labels += 1
-            return
-        try:
-            if not isinstance(labels, torch.Tensor):
-                raise UnsupportedBatch(f"labels is a {type(labels).__name__}")
-            key = (labels.data_ptr(), tuple(labels.shape))
-            if key == self._dedupe_key:  # a second forward of the same micro-batch
-                return
-            self._dedupe_key = key
-            batch = {k: kwargs.get(k) for k in _BATCH_KEYS}
-            if batch["input_ids"] is None and args and isinstance(args[0], torch.Tensor):
-                batch["input_ids"] = args[0]
-            batch = {k: (v if isinstance(v, torch.Tensor) else None) for k, v in batch.items()}
-            self.auditor.update(labels, loss=_loss_of(output), **batch)
-        except UnsupportedBatch as exc:
-            self._warn_once("shape", "mask-monitor: skipping a batch it cannot interpret (%s); training goes on", exc)
-        except Exception as exc:  # noqa: BLE001 - the monitor must not break a healthy run
-            self._warn_once(
-                "hook", "mask-monitor: audit of a batch failed (%s: %s); skipped, training goes on",
-                type(exc).__name__, exc,
-            )
-
     # ------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, **kwargs):
+        """Read what the trainer's dataset preparation dropped; stop here when it dropped everything."""
+        if not self.config.enabled:
+            return
+        trainer = find_trainer()
+        if trainer is None:
+            return
+        self._trainer = weakref.ref(trainer)
+        self._output_dir = getattr(args, "output_dir", None)
+        try:
+            info = dropped_rows(getattr(trainer, "train_dataset", None), max_length=getattr(args, "max_length", None),
+                                ignore_index=self.config.ignore_index, keep=max(self.config.evidence_rows, 1))
+        except Exception as exc:  # noqa: BLE001 - reading the prepared dataset is best effort
+            logger.debug("mask-monitor: could not read the prepared dataset: %r", exc)
+            info = None
+        if info is None:
+            return
+        self._dataset = Totals(dropped_sequences=info.dropped)
+        self._dropped_reasons = dict(info.reasons)
+        self._dataset_details = {"reasons": ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info.reasons.items())}
+        if info.kept == 0:
+            totals, only = Totals(dropped_sequences=info.dropped), ("all_masked",)
+        else:
+            totals, only = Totals(sequences=info.kept, dropped_sequences=info.dropped), ("dropped_sequences",)
+        findings = self.policy.evaluate(totals, scope="dataset", only=only, details=self._dataset_details)
+        rank, _ = rank_and_world()
+        for f in findings:
+            if f.action == "warn" and rank == 0:
+                logger.warning("%s", f.message)
+        abort = first_abort(findings)
+        if abort is not None:
+            self._abort_before_training(abort, info, rank)
+
+    def _abort_before_training(self, finding: Finding, info: Any, rank: int) -> None:
+        """All training data was dropped as fully masked: stop while the trainer is being built."""
+        self.aborted = finding.check
+        report = StepReport(step=0, rank=rank, world_size=1, total=self._dataset, per_rank=(self._dataset,),
+                            micro_batches=())
+        self.evidence_path = write_evidence(
+            output_dir=self._output_dir, reason=finding.check, step=0, rank=rank, numbers=finding.numbers,
+            report=report, rows=[{k: [r[k] for r in info.rows] for k in info.rows[0]}] if info.rows else [],
+            tokenizer=self.tokenizer, ignore_index=self.config.ignore_index, message=finding.message,
+        )
+        error = MaskMonitorAbort(finding.check, step=0, rank=rank, numbers=finding.numbers,
+                                 evidence_path=self.evidence_path, message=finding.message)
+        logger.error("rank %d: %s", rank, error)
+        raise error
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if not self.config.enabled:
             return
@@ -279,6 +316,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             is_main_process=bool(getattr(state, "is_world_process_zero", rank == 0)),
             version=__version__,
         )
+        self._new_run()
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
         self.tokenizer = tokenizer
@@ -293,19 +331,38 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
                 sink.ignore_index = self.config.ignore_index
         self.sinks.call("on_train_begin", self.info)  # SinkConfigError (e.g. port taken) propagates
         self._restore(state)
-        self._remove_hooks()
-        if model is None:
-            self._warn_once("model", "mask-monitor: no model given to on_train_begin; audit off")
+        self._remove_capture()
+        trainer = find_trainer() or (self._trainer() if self._trainer is not None else None)
+        if trainer is not None:
+            self._trainer = weakref.ref(trainer)
+            self._capture = LossCapture(trainer, self._on_micro_batch)
+        elif model is not None:
+            self._capture = ForwardCapture(model, self._on_micro_batch)
+            logger.debug("mask-monitor: no Trainer found; auditing through a forward hook on the model")
+        else:
+            self._warn_once("model", "mask-monitor: neither a Trainer nor a model reached on_train_begin; audit off")
             return
-        self._hooks.append(model.register_forward_hook(self._forward_hook, with_kwargs=True))
+        self._capture.install()
         self._active = True
         self._audited_step = state.global_step
 
+    def _new_run(self) -> None:
+        """Each train() reports its own run (resuming from a checkpoint restores the saved totals after this)."""
+        self.auditor.reset()
+        self.policy.reset()
+        self.auditor.add_totals(self._dataset)
+        self.findings, self.first_step = {}, {}
+        self.aborted, self.evidence_path, self.last_report = None, None, None
+        self._unread = {}
+        self._pending_step, self._seen_unsynced = None, False
+
     def on_step_begin(self, args, state, control, **kwargs):
-        self._dedupe_key = None
+        if isinstance(self._capture, ForwardCapture):
+            self._capture.new_micro_batch()
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self._dedupe_key = None
+        if isinstance(self._capture, ForwardCapture):
+            self._capture.new_micro_batch()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._close_step(state.global_step + 1)
@@ -336,9 +393,47 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             return
         self._finish()
 
+    # ------------------------------------------------------------------ capture (hot path)
+    def _on_micro_batch(self, mb: MicroBatch) -> None:
+        """One training micro-batch: audit what can be read; judge the step at its last micro-batch."""
+        if not self._active:
+            return
+        for note in mb.unread:
+            self._unread[note] = self._unread.get(note, 0) + 1
+            self._warn_once(f"unread:{note.split(':')[0]}",
+                            "mask-monitor: cannot read %s; auditing this batch without it (training goes on)", note)
+        labels = mb.labels if mb.labels is not None else mb.shift_labels
+        if labels is None:
+            self._warn_once("labels", "mask-monitor: a training micro-batch reached the loss without labels the "
+                            "audit can read; its masking is NOT audited, only its loss (summary()"
+                            "['unaudited_batches'])")
+        try:
+            self.auditor.update(labels, input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                position_ids=mb.position_ids, shift_labels=mb.shift_labels, loss=mb.loss,
+                                causal=mb.causal)
+        except Exception as exc:  # noqa: BLE001 - the monitor must not break a healthy run
+            what = "cannot interpret" if isinstance(exc, UnsupportedBatch) else "failed to audit"
+            self._warn_once("batch", "mask-monitor: %s a batch's labels (%s: %s); only its loss is checked, "
+                            "training goes on", what, type(exc).__name__, exc)
+            try:
+                self.auditor.update(None, loss=mb.loss)
+            except Exception as exc2:  # noqa: BLE001
+                self._warn_once("loss", "mask-monitor: cannot read a batch's loss either (%r)", exc2)
+        if mb.last is False:
+            self._seen_unsynced = True
+        trainer = self._trainer() if self._trainer is not None else None
+        if mb.last and trainer is not None and (self._seen_unsynced or _accumulation(trainer) == 1):
+            # the step's last micro-batch: judge it before its backward (DeepSpeed steps inside backward)
+            self._close_step(int(trainer.state.global_step) + 1)
+
+    def _remove_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
     # ------------------------------------------------------------------ step close, verdict, action
     def _close_step(self, step: int) -> None:
-        if not self._active:
+        if not self._active or self._audited_step >= step:
             return
         self._audited_step = step
         try:
@@ -348,14 +443,6 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
                             type(exc).__name__, exc)
             return
         self.last_report = report
-        if report.total.micro_batches == 0 and self._forwards_without_labels:
-            self._warn_once(
-                "labels",
-                "mask-monitor: %d training forward(s) in step %d received no labels (label smoothing or a custom "
-                "compute_loss pops them before the model's forward): the audit cannot see these batches",
-                self._forwards_without_labels, step,
-            )
-        self._forwards_without_labels = 0
         findings = self.policy.evaluate(report)
         for f in findings:
             self.findings[f.check] = self.findings.get(f.check, 0) + 1
@@ -394,14 +481,10 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
 
     def _finish(self) -> None:
         self._active = False
-        self._remove_hooks()
+        self._remove_capture()
         self.sinks.call("on_train_end", self.summary())
         self.sinks.call("close")
 
 
-def _loss_of(output: Any) -> torch.Tensor | None:
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor) and loss.numel() >= 1:
-        return loss.detach()
-    return None
-
+def _accumulation(trainer: Any) -> int:
+    return int(getattr(getattr(trainer, "args", None), "gradient_accumulation_steps", 1) or 1)

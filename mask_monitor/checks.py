@@ -151,7 +151,9 @@ def _dead(t: Totals) -> bool:
 
 
 def _all_masked(t: Totals, ctx: RuleContext) -> Numbers | None:
-    if t.supervised_tokens > 0 or (t.micro_batches == 0 and t.sequences == 0 and t.dropped_sequences == 0):
+    if t.supervised_tokens > 0 or t.unaudited_batches > 0:  # unread labels may hold targets: cannot prove it
+        return None
+    if t.micro_batches == 0 and t.sequences == 0 and t.dropped_sequences == 0:
         return None
     return {}
 
@@ -234,6 +236,24 @@ def _response_coverage(t: Totals, ctx: RuleContext) -> Numbers | None:
         return None
     return {"share": cov, "threshold": threshold,
             "missed": t.assistant_content_tokens - t.supervised_assistant_content_tokens}
+
+
+def _dropped_sequences(t: Totals, ctx: RuleContext) -> Numbers | None:
+    prepared = t.sequences + t.dropped_sequences
+    if t.dropped_sequences <= 0 or t.sequences <= 0:  # all dropped: all_masked says it
+        return None
+    share = t.dropped_sequences / prepared
+    threshold = ctx.setting("dropped_share_threshold")
+    return {"prepared": prepared, "share": share, "threshold": threshold} if share > threshold else None
+
+
+def _dropped_seen(n: Mapping[str, Any]) -> str:
+    reasons = n.get("reasons")
+    why = f" ({reasons})" if reasons else ""
+    return format_numbers(
+        "{dropped_sequences} of {prepared} examples ({share:.1%}, threshold {threshold:.1%}) were dropped as fully "
+        "masked when the dataset was prepared" + why + ": TRL removes examples whose labels are all -100 after "
+        "truncation, silently. They never reach training.", n)
 
 
 def _truncation(t: Totals, ctx: RuleContext) -> Numbers | None:
@@ -417,6 +437,22 @@ _DECLARED: tuple[Check, ...] = (
         "({share:.1%} supervised, threshold {threshold:.1%}): the model does not learn to stop there "
         "(include the end-of-turn token in the assistant mask).",
         _eot_unsupervised,
+    ),
+    Check(
+        "dropped_sequences",
+        "warn",
+        "examples dropped as fully masked when the dataset was prepared (TRL), above a share",
+        _dropped_seen,
+        _dropped_sequences,
+        causes=(
+            "the response/assistant template was not found in these examples, so every label became -100",
+            "max_length truncated their response away (the prompt alone fills max_length)",
+        ),
+        to_check=(
+            _AUDIT,
+            "raise max_length, or truncate the prompt side (truncation_mode='keep_end')",
+        ),
+        scopes=frozenset({"dataset"}),
     ),
     Check(
         "truncation",

@@ -83,6 +83,9 @@ _OTHER_SETTINGS: tuple[Setting, ...] = (
             "prompt_leakage fires when more than this share of audited supervised targets are prompt tokens"),
     Setting("response_coverage_threshold", 0.9, "ratio",
             "response_coverage fires when less than this share of assistant content targets is supervised"),
+    Setting("dropped_share_threshold", 0.01, "ratio",
+            "dropped_sequences fires when more than this share of the examples was dropped as fully masked "
+            "while the dataset was prepared"),
     Setting("eot_supervised_threshold", 1.0, "ratio",
             "eot_unsupervised fires when less than this share of assistant end-of-turn tokens is supervised"),
     Setting("ignore_index", -100, "int", "the label value the loss ignores"),

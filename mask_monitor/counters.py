@@ -85,7 +85,9 @@ def _c(name: str, unit: str, help: str, **kw: object) -> Counter:  # noqa: A002 
 
 
 _DECLARED: tuple[Counter, ...] = (
-    _c("micro_batches", "micro-batches", "Training micro-batches audited."),
+    _c("micro_batches", "micro-batches", "Training micro-batches whose labels were audited."),
+    _c("unaudited_batches", "micro-batches",
+       "Training micro-batches whose labels could not be read (only their loss is checked)."),
     _c("sequences", "sequences", "Sequences (rows or packed documents) with at least one target slot."),
     _c("target_tokens", "tokens",
        "Target slots: positions a causal-LM loss can train on (after the shift, padding excluded).",

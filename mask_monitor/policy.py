@@ -11,9 +11,10 @@ without another collective. Acting on the verdict (log, export, raise, exit code
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from .checks import CHECKS, Finding, RuleContext, Scope, explain
+from .checks import CHECKS, Check, Finding, RuleContext, Scope, explain
 from .config import MonitorConfig
 from .reports import StepReport, Totals
 
@@ -51,9 +52,20 @@ class Policy:
         self._history.clear()
 
     def evaluate(
-        self, report: StepReport | Totals, *, scope: Scope | None = None, step: int | None = None
+        self,
+        report: StepReport | Totals,
+        *,
+        scope: Scope | None = None,
+        step: int | None = None,
+        only: Iterable[str] | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> list[Finding]:
-        """Findings for one step (a :class:`StepReport`) or one dataset (:class:`Totals`, ``scope="dataset"``)."""
+        """Findings for one step (a :class:`StepReport`) or one dataset (:class:`Totals`, ``scope="dataset"``).
+
+        Args:
+            only: evaluate these checks only (the ones whose inputs the caller really has).
+            details: extra numbers for the messages (e.g. ``reasons``).
+        """
         if isinstance(report, StepReport):
             totals, scope, step, world = report.total, scope or "step", report.step, report.world_size
         else:
@@ -66,12 +78,15 @@ class Policy:
         else:
             window = totals
         ctx = RuleContext(self.config, scope, step, world, window, tuple(self._history))
-        out = [f for f in self._fire(totals, ctx, CHECKS.values()) if f.action != "off"]
+        checks = CHECKS.values() if only is None else [CHECKS[name] for name in only]
+        out = self._fire(totals, ctx, checks, details or {})
         if scope == "step":
             self._history.append(totals)
         return out
 
-    def _fire(self, totals: Totals, ctx: RuleContext, checks: Iterable) -> list[Finding]:  # type: ignore[type-arg]
+    def _fire(
+        self, totals: Totals, ctx: RuleContext, checks: Iterable[Check], details: Mapping[str, Any]
+    ) -> list[Finding]:
         numbers_base: dict[str, object] | None = None
         out: list[Finding] = []
         for check in checks:
@@ -88,6 +103,7 @@ class Policy:
                 numbers_base["ranks"] = ctx.world_size
                 numbers_base["step"] = ctx.step
                 numbers_base["scope"] = ctx.scope
+                numbers_base.update(details)
             numbers = {**numbers_base, **extra}
             out.append(Finding(check.name, action, ctx.step, explain(check.name, numbers), numbers))
         return out

@@ -110,6 +110,7 @@ def _slots(
     shift_labels: torch.Tensor | None,
     roles: torch.Tensor | None,
     ignore_index: int,
+    causal: bool = True,
 ) -> _Slots:
     """The definitions every count in this module (and the audit's per-sequence table) is made of.
 
@@ -117,7 +118,18 @@ def _slots(
     nothing, so slots are width ``seq - 1`` views of the unshifted tensors (no padded copies). With
     ``shift_labels`` (width ``seq``) the same rules apply to the same tokens: the last column has no
     known next token, so it is a slot only when supervised. Either form of one batch counts the same.
+
+    ``causal=False`` (encoder-decoder models): ``labels`` are the decoder's targets position for position
+    (the model shifts its decoder *inputs*, not the labels); every column is a slot, padding given by the
+    decoder's own ``attention_mask`` (``decoder_attention_mask``) when there is one; no packing.
     """
+    if not causal:
+        targets = _as_2d("labels", labels)
+        full = targets.shape
+        mask = _as_2d("attention_mask", attention_mask, full)
+        valid_ed = (mask != 0) if mask is not None else None
+        role_ed = _as_2d("roles", roles, full)
+        return _Slots(targets != ignore_index, valid_ed, None, role_ed, full[1])
     if shift_labels is not None:
         targets = _as_2d("shift_labels", shift_labels)
         full = targets.shape
@@ -162,7 +174,7 @@ def _role_masks(role_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def batch_stats(
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     *,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -170,11 +182,15 @@ def batch_stats(
     loss: torch.Tensor | float | None = None,
     roles: torch.Tensor | None = None,
     ignore_index: int = -100,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Statistics of one micro-batch as a 1-D tensor laid out as :data:`FIELDS`, on ``labels.device``.
 
     Args:
-        labels: ``(batch, seq)`` (or ``(seq,)``) unshifted labels, as passed to a causal LM.
+        labels: ``(batch, seq)`` (or ``(seq,)``) unshifted labels, as passed to a causal LM; ``None`` when
+            the labels cannot be read: the micro-batch then counts as ``unaudited_batches`` and only its
+            loss is checked (a loss of exactly 0 counts as ``zero_loss_batches``: nothing says it had
+            no target).
         attention_mask: optional ``(batch, seq)`` mask; 0 marks padding.
         position_ids: optional ``(batch, seq)``; a 0 after the first column starts a packed document.
         shift_labels: optional ``(batch, seq)`` already shifted targets; they replace ``labels``.
@@ -182,11 +198,16 @@ def batch_stats(
         roles: optional ``(batch, seq)`` role codes (``ROLE_*``) of each *input* position, from a
             template tagger; enables the prompt-leakage, response-coverage and end-of-turn counts.
         ignore_index: the label value the loss ignores.
+        causal: ``False`` for encoder-decoder models: ``labels`` are decoder targets, not shifted, and
+            ``attention_mask`` is the decoder's; "no masking" is then the norm (the prompt is the
+            encoder's), so ``unmasked_*`` are not counted.
 
     Raises:
         UnsupportedBatch: shapes the audit cannot interpret (the caller decides whether to skip).
     """
-    view = _slots(labels, attention_mask, position_ids, shift_labels, roles, ignore_index)
+    if labels is None and shift_labels is None:
+        return _loss_only(loss)
+    view = _slots(labels, attention_mask, position_ids, shift_labels, roles, ignore_index, causal)
     supervised, valid, starts = view.supervised, view.valid, view.starts
     device = supervised.device
     dtype = stats_dtype(device)
@@ -226,11 +247,12 @@ def batch_stats(
         "masked_tokens": n_masked.to(dtype),
         "supervised_padding_tokens": n_sup_padding.to(dtype),
         "fully_masked_sequences": n_fully.to(dtype),
-        "unmasked_sequences": n_unmasked_seq.to(dtype),
         "all_masked_batches": (n_sup == 0).to(dtype),
-        "unmasked_batches": ((n_masked == 0) & (n_slots > 0)).to(dtype),
         "max_masked_ratio": torch.where(n_slots > 0, n_masked.to(dtype) / n_slots_f.clamp(min=1), zero),
     }
+    if causal:
+        cols["unmasked_sequences"] = n_unmasked_seq.to(dtype)
+        cols["unmasked_batches"] = ((n_masked == 0) & (n_slots > 0)).to(dtype)
     if loss is not None:
         loss_t = torch.as_tensor(loss, device=device).detach().to(dtype).reshape(-1)[:1].sum()
         finite = torch.isfinite(loss_t)
@@ -248,6 +270,22 @@ def batch_stats(
         cols["supervised_assistant_content_tokens"] = torch.count_nonzero(content & supervised).to(dtype)
         cols["assistant_turns"] = torch.count_nonzero(eot_first & in_slot).to(dtype)
         cols["supervised_eot_turns"] = torch.count_nonzero(eot_first & supervised).to(dtype)
+    return torch.stack([cols.get(f, zero) for f in FIELDS])
+
+
+def _loss_only(loss: torch.Tensor | float | None) -> torch.Tensor:
+    """The vector of a micro-batch whose labels cannot be read: only its loss is checked."""
+    device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+    dtype = stats_dtype(device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    cols = {"unaudited_batches": torch.ones((), dtype=dtype, device=device)}
+    if loss is not None:
+        loss_t = torch.as_tensor(loss, device=device).detach().to(dtype).reshape(-1)[:1].sum()
+        finite = torch.isfinite(loss_t)
+        cols["loss_batches"] = torch.ones((), dtype=dtype, device=device)
+        cols["loss_sum"] = torch.where(finite, loss_t, zero)
+        cols["zero_loss_batches"] = (finite & (loss_t == 0)).to(dtype)
+        cols["non_finite_loss_batches"] = (~finite).to(dtype)
     return torch.stack([cols.get(f, zero) for f in FIELDS])
 
 

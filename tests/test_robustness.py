@@ -88,16 +88,19 @@ class OddModel(torch.nn.Module):
         return {"loss": loss}
 
 
-def test_odd_batch_shape_is_skipped_with_one_warning(tmp_path, caplog):
+def test_odd_labels_are_named_and_the_loss_is_still_checked(tmp_path, caplog):
     data = [{"x": [float(i), 1.0, 2.0, 3.0], "labels": [[[i, 1], [2, 3]]]} for i in range(8)]
     cb = MaskMonitorCallback()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=1,
                              report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
     trainer = Trainer(model=OddModel(), args=args, train_dataset=dataset(data), callbacks=[cb])
     assert trainer.train().global_step == 4
-    msgs = _warnings(caplog, "skipping a batch it cannot interpret")
-    assert len(msgs) == 1 and "labels has shape (2, 1, 2, 2)" in msgs[0]
-    assert cb.summary()["micro_batches"] == 0 and cb.summary()["aborted"] is None
+    msgs = _warnings(caplog, "cannot read labels")
+    assert len(msgs) == 1 and "labels: shape (2, 1, 2, 2)" in msgs[0]
+    s = cb.summary()
+    # labels unreadable: masking not audited, but every micro-batch's loss was (4 steps x 1 micro-batch)
+    assert (s["micro_batches"], s["unaudited_batches"], s["loss_batches"]) == (0, 4, 4)
+    assert s["aborted"] is None
 
 
 def test_disabled_by_environment(zephyr_tokenizer, tmp_path, monkeypatch):

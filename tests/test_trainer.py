@@ -336,18 +336,29 @@ def test_plain_trainer_all_masked_nan_is_caught_as_all_masked(zephyr_tokenizer, 
     assert_params_equal(before, params_snapshot(model))
 
 
-def test_label_smoothing_plain_trainer_warns_once_and_trains(zephyr_tokenizer, tmp_path, caplog):
+def test_label_smoothing_plain_trainer_is_audited(zephyr_tokenizer, tmp_path):
+    """Label smoothing pops the labels before the model's forward; the monitor reads them where the Trainer
+    computes the loss: exact counts on a healthy run, and an all -100 run stops at step 1."""
+
+    def run(examples, out):
+        cb = MaskMonitorCallback()
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, report_to="none",
+                                 use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                                 label_smoothing_factor=0.1, num_train_epochs=1)
+        collator = DataCollatorForSeq2Seq(zephyr_tokenizer, padding=True, label_pad_token_id=IGNORE)
+        trainer = Trainer(model=tiny_llama(len(zephyr_tokenizer)), args=args, train_dataset=dataset(examples),
+                          data_collator=collator, callbacks=[cb])
+        return cb, trainer
+
     examples = rows(zephyr_tokenizer, "assistant", n=4)
-    cb = MaskMonitorCallback()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none",
-                             use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
-                             label_smoothing_factor=0.1, num_train_epochs=1)
-    collator = DataCollatorForSeq2Seq(zephyr_tokenizer, padding=True, label_pad_token_id=IGNORE)
-    trainer = Trainer(model=tiny_llama(len(zephyr_tokenizer)), args=args, train_dataset=dataset(examples),
-                      data_collator=collator, callbacks=[cb])
+    cb, trainer = run(examples, tmp_path / "ok")
     assert trainer.train().global_step == 2
-    msgs = [r.getMessage() for r in caplog.records if "received no labels" in r.getMessage()]
-    assert len(msgs) == 1
+    s, exp = cb.summary(), expected_counts(examples)
+    assert {k: s[k] for k in exp} == exp and s["unaudited_batches"] == 0
+    cb, trainer = run(rows(zephyr_tokenizer, "all", n=4), tmp_path / "dead")
+    with pytest.raises(MaskMonitorAbort) as err:
+        trainer.train()
+    assert err.value.reason == "all_masked" and err.value.step == 1
 
 
 # --------------------------------------------------------------------------- resume

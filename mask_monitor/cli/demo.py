@@ -91,7 +91,7 @@ def _train(tok: Any, examples: list[dict], out_dir: str, callback: Any) -> Any:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                          pad_token_id=tok.pad_token_id))
-    config = trl.SFTConfig(output_dir=out_dir, per_device_train_batch_size=2, num_train_epochs=2, max_length=None,
+    config = trl.SFTConfig(output_dir=out_dir, per_device_train_batch_size=2, num_train_epochs=2,
                            learning_rate=5e-3, logging_steps=2, save_strategy="no", report_to="none",
                            use_cpu=True, disable_tqdm=True, seed=0)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples),
@@ -124,14 +124,16 @@ def run(args: argparse.Namespace) -> int:
         print("== 1/2: labels built with the wrong response template ('### answer :' is not in ChatML) ==")
         broken = _examples(tok, "### answer :")
         print(f"   {sum(1 for e in broken if set(e['labels']) == {-100})} of {len(broken)} examples have every "
-              "label = -100; SFTTrainer would train happily (loss 0.0).")
+              "label = -100; with TRL's defaults SFTTrainer drops them all silently and train() dies in the "
+              "sampler (num_samples=0).")
         cb = MaskMonitorCallback()
         try:
             _train(tok, broken, os.path.join(out_root, "broken"), cb)
             print("   unexpected: training completed")
             return 1
         except MaskMonitorAbort as err:
-            print(f"\n   MaskMonitorAbort raised out of trainer.train() (reason={err.reason!r}, step={err.step}):\n")
+            where = "SFTTrainer(...)" if err.step == 0 else "trainer.train()"
+            print(f"\n   MaskMonitorAbort raised out of {where} (reason={err.reason!r}, step={err.step}):\n")
             print("   " + str(err).replace("\n", "\n   "))
         print("\n== 2/2: labels built with the right response template ('<|im_start|>assistant\\n') ==")
         healthy = _examples(tok, "<|im_start|>assistant\n")
