@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import string
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -472,22 +473,33 @@ if len(CHECKS) != len(_DECLARED):  # pragma: no cover - a declaration mistake, c
 
 
 # ---------------------------------------------------------------------------------------------- words
-class _Numbers(dict):  # type: ignore[type-arg]
-    """Numbers for message templates: whole counts as ints, ratios kept as floats, unknown keys as '?'."""
+class _Formatter(string.Formatter):
+    """``str.format`` for messages: counts shown as ints, unknown names (and values that do not fit the
+    format spec) shown as they are or as ``?``: a message never fails because a number is missing."""
 
-    def __init__(self, numbers: Mapping[str, object]):
-        super().__init__()
-        for k, v in numbers.items():
-            whole = isinstance(v, float) and v.is_integer() and k not in ("share", "threshold")
-            self[k] = int(v) if whole else v
+    _MISSING = object()
 
-    def __missing__(self, key: str) -> str:
-        return "?"
+    def get_value(self, key: int | str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        value = kwargs.get(str(key), self._MISSING)
+        if isinstance(value, float) and value.is_integer() and key not in ("share", "threshold"):
+            return int(value)
+        return value
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if value is self._MISSING:
+            return "?"
+        try:
+            return format(value, format_spec)
+        except (TypeError, ValueError):
+            return str(value)
+
+
+_FORMATTER = _Formatter()
 
 
 def format_numbers(template: str, numbers: Mapping[str, object]) -> str:
-    """``template.format_map`` over ``numbers``: counts shown as ints, unknown names as ``?``."""
-    return template.format_map(_Numbers(numbers))
+    """``template`` filled from ``numbers``: counts shown as ints, unknown names as ``?``."""
+    return _FORMATTER.vformat(template, (), numbers)
 
 
 def explain(check: str, numbers: Mapping[str, object], *, details: bool = True) -> str:
