@@ -357,11 +357,11 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self._pending_step, self._seen_unsynced = None, False
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if isinstance(self._capture, ForwardCapture):
+        if self._capture is not None:
             self._capture.new_micro_batch()
 
     def on_substep_end(self, args, state, control, **kwargs):
-        if isinstance(self._capture, ForwardCapture):
+        if self._capture is not None:
             self._capture.new_micro_batch()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

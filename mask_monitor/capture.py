@@ -163,6 +163,13 @@ def _is_encoder_decoder(model: Any) -> bool:
 Sink = Callable[[MicroBatch], None]
 
 
+def _forward_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    inputs = dict(kwargs)
+    if "input_ids" not in inputs and args and isinstance(args[0], torch.Tensor):
+        inputs["input_ids"] = args[0]
+    return inputs
+
+
 class LossCapture:
     """Wrap ``trainer.compute_loss`` on the instance; hand each training micro-batch and its loss to ``sink``.
 
@@ -185,6 +192,8 @@ class LossCapture:
         self._lock = threading.Lock()
         self._forwards: list[MicroBatch] | None = None  # forwards seen inside the current compute_loss call
         self.encoder_decoder = _is_encoder_decoder(getattr(trainer, "model", None))
+        model = getattr(trainer, "model", None)
+        self._orphans = ForwardCapture(model if isinstance(model, torch.nn.Module) else torch.nn.Module(), sink)
 
     def install(self) -> None:
         trainer = self._trainer()
@@ -225,15 +234,22 @@ class LossCapture:
         self._installed = True
 
     def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not module.training or self._forwards is None:
+        if not module.training:
             return
-        inputs = dict(kwargs)
-        if "input_ids" not in inputs and args and isinstance(args[0], torch.Tensor):
-            inputs["input_ids"] = args[0]
-        mb = read_batch(inputs, encoder_decoder=self.encoder_decoder)
+        with self._lock:
+            inside = self._forwards is not None
+        if not inside:
+            # a training forward outside compute_loss (a custom training_step that calls the model itself):
+            # audit it as the forward-hook fallback would, rather than not at all
+            self._orphans._hook(module, args, kwargs, output)
+            return
+        mb = read_batch(_forward_inputs(args, kwargs), encoder_decoder=self.encoder_decoder)
         with self._lock:
             if self._forwards is not None:
                 self._forwards.append(mb)
+
+    def new_micro_batch(self) -> None:
+        self._orphans.new_micro_batch()
 
     def _is_last(self) -> bool | None:
         trainer = self._trainer()
@@ -288,10 +304,7 @@ class ForwardCapture:
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not module.training:
             return
-        inputs = dict(kwargs)
-        if "input_ids" not in inputs and args and isinstance(args[0], torch.Tensor):
-            inputs["input_ids"] = args[0]
-        mb = read_batch(inputs, encoder_decoder=self.encoder_decoder)
+        mb = read_batch(_forward_inputs(args, kwargs), encoder_decoder=self.encoder_decoder)
         with self._lock:
             if mb.labels is None and mb.shift_labels is None:
                 self.without_labels += 1
