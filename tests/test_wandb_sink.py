@@ -474,7 +474,10 @@ def test_template_audit_masking_disabled_logs_leakage_and_family(zephyr_tokenize
     assert run.summary[S + "prompt_leakage_tokens"] == leaked
     assert run.summary[P + "prompt_leakage_ratio"]["max"] == pytest.approx(leaked / supervised)
 
-    # the evidence table counts and colours the leakage of its row (the auditor's role tagger, handed over)
+    # the evidence table counts and colours the leakage of its row (the roles the auditor kept with the rows;
+    # the sink also holds the auditor's role tagger for rows that come without them)
+    (sink,) = [s for s in cb.sinks.sinks if s.name == "wandb"]
+    assert sink.role_tagger is cb.auditor.role_tagger is not None
     (trow,) = table_rows(run)[0]
     assert (trow["step"], trow["micro_batch"], trow["row"]) == (2, 0, 0)
     assert trow["prompt_leakage_tokens"] == prompt_lens[1] - 1 - headers[1]
