@@ -174,6 +174,8 @@ def test_wandb_sends_training_text_only_with_all(zephyr_tokenizer, tmp_path, wan
     assert (set(DECODED_KEYS) <= set(saved["offending_micro_batch"])) == (value == "all")
     assert (set(DECODED_KEYS) <= set(local["offending_micro_batch"])) == (value != "none")
     assert stat.S_IMODE((run.files_dir / "abort-rank0.json").stat().st_mode) == 0o600
+    uploads = [f for rec in run.records if rec.WhichOneof("record_type") == "files" for f in rec.files.files]
+    assert [f.path for f in uploads if f.path.endswith(".json") and "abort" in f.path] == ["abort-rank0.json"]
 
     # alert and summary: numbers, never text
     (alert,) = run.alerts
