@@ -69,7 +69,10 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         prometheus_job, prometheus_linger_seconds, prometheus_aggregate: Prometheus export (off unless a
             port or a gateway is given here or by ``MASK_MONITOR_PROMETHEUS_PORT`` /
             ``MASK_MONITOR_PUSHGATEWAY_URL``).
-        wandb: log to Weights & Biases when a run is active (None = auto, False = never).
+        wandb: whether the callback adds a :class:`~mask_monitor.sinks.wandb.WandbSink` by itself: ``None``
+            (default) when a W&B run is active at train begin, ``True`` always (a missing or disabled wandb
+            is one warning), ``False`` never. A ``WandbSink`` given in ``sinks`` is the one used (then
+            nothing is added); to configure it, pass ``sinks=[WandbSink(table_max_rows=16)]``.
     """
 
     def __init__(
@@ -115,6 +118,11 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             "linger_seconds": prometheus_linger_seconds,
             "aggregate": prometheus_aggregate,
         }
+        if wandb is not None and not isinstance(wandb, bool):
+            raise ConfigError(f"MaskMonitorCallback(wandb={wandb!r}): expected None (auto), True or False")
+        if wandb is False and any(getattr(s, "name", None) == "wandb" for s in self._user_sinks):
+            raise ConfigError("MaskMonitorCallback(wandb=False) contradicts the WandbSink given in sinks=[...]: "
+                              "drop one of them")
         self._wandb_setting = wandb
         self.info = RunInfo(version=__version__)
         self.findings: dict[str, int] = {}
@@ -242,7 +250,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
                 self._warn_once("prometheus", "mask-monitor: Prometheus export disabled: %s", exc)
             if sink is not None:
                 self.sinks.add(sink)
-        if self._wandb_setting is not False:
+        if self._wandb_setting is not False and not any(getattr(s, "name", None) == "wandb" for s in self._user_sinks):
             try:
                 from .sinks.wandb import WandbSink
 
@@ -324,11 +332,13 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self.info.template_family = getattr(self.template, "family", None)
         self.sinks = SinkGroup([LoggingSink(), *self._user_sinks])  # fresh per train(): no duplicates
         self._setup_sinks()
+        self.info.decoded_text = self.config.decoded_text  # where sinks may send decoded training text
         for sink in self.sinks.sinks:
             if getattr(sink, "tokenizer", None) is None:
                 sink.tokenizer = tokenizer
             if sink.wants_batches:
                 sink.ignore_index = self.config.ignore_index
+                sink.role_tagger = self.auditor.role_tagger
         self.sinks.call("on_train_begin", self.info)  # SinkConfigError (e.g. port taken) propagates
         self._restore(state)
         self._remove_capture()
@@ -466,6 +476,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             tokenizer=self.tokenizer,
             ignore_index=self.config.ignore_index,
             message=finding.message,
+            decoded_text=self.config.decoded_text,
         )
         error = MaskMonitorAbort(
             finding.check,

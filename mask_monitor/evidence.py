@@ -2,8 +2,13 @@
 
 ``<output_dir>/mask_monitor/abort-rank<R>.json`` holds the reason, step, rank, the counts behind the
 verdict, this rank's per-micro-batch counts, and the first rows of the offending micro-batch's
-``input_ids`` and labels, decoded to text when a tokenizer is known. Writing it never raises: a
-monitor that cannot write its evidence still stops the run, and says so.
+``input_ids`` and labels. With ``decoded_text`` ``"local"`` (the default) or ``"all"``
+(:attr:`MonitorConfig.decoded_text <mask_monitor.config.MonitorConfig>`) and a known tokenizer, those
+rows are also decoded to text (:data:`DECODED_KEYS`); with ``"none"`` the file holds token ids and
+counts only. SFT data often carries personal or licensed text, so the file is written owner-only
+(mode 0600), and the ``mask_monitor`` directory, when the monitor creates it, too (0700).
+
+Writing it never raises: a monitor that cannot write its evidence still stops the run, and says so.
 """
 
 from __future__ import annotations
@@ -11,14 +16,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
+from .checks import CHECKS
 from .reports import StepReport
 
-__all__ = ["write_evidence", "evidence_path"]
+__all__ = [
+    "write_evidence",
+    "evidence_path",
+    "read_evidence",
+    "without_decoded_text",
+    "write_json_private",
+    "DECODED_KEYS",
+]
 
 logger = logging.getLogger("mask_monitor")
+
+#: Keys of ``offending_micro_batch`` that hold decoded training text (absent with ``decoded_text="none"``).
+DECODED_KEYS: tuple[str, ...] = ("decoded", "decoded_supervised")
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 def evidence_path(output_dir: str | os.PathLike[str] | None, rank: int) -> str:
@@ -27,20 +47,11 @@ def evidence_path(output_dir: str | os.PathLike[str] | None, rank: int) -> str:
 
 
 def _offending_index(reason: str, report: StepReport) -> int:
-    mbs = report.micro_batches
-    pick = {
-        "all_masked": lambda t: t.all_masked_batches > 0,
-        "all_masked_micro_batch": lambda t: t.all_masked_batches > 0,
-        "zero_loss": lambda t: t.zero_loss_batches > 0,
-        "non_finite_loss": lambda t: t.non_finite_loss_batches > 0,
-        "fully_masked_share": lambda t: t.fully_masked_sequences > 0,
-        "fully_masked_sequences": lambda t: t.fully_masked_sequences > 0,
-        "prompt_leakage": lambda t: t.prompt_leakage_tokens > 0,
-        "unmasked": lambda t: t.unmasked_batches > 0,
-    }.get(reason)
-    if pick is not None:
-        for i, t in enumerate(mbs):
-            if pick(t):
+    """The first micro-batch the check ``reason`` blames (``Check.offending``), else the first."""
+    check = CHECKS.get(reason)
+    if check is not None and check.offending is not None:
+        for i, t in enumerate(report.micro_batches):
+            if check.offending(t):
                 return i
     return 0
 
@@ -50,6 +61,43 @@ def _decode(tokenizer: Any, ids: list[int]) -> str | None:
         return tokenizer.decode(ids, skip_special_tokens=False)
     except Exception:  # noqa: BLE001 - evidence is best effort
         return None
+
+
+def without_decoded_text(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an evidence document without its decoded text (token ids and counts kept).
+
+    >>> without_decoded_text({"reason": "all_masked", "offending_micro_batch": {"input_ids": [[1]], "decoded": ["hi"]}})
+    {'reason': 'all_masked', 'offending_micro_batch': {'input_ids': [[1]]}}
+    """
+    sample = {k: v for k, v in (doc.get("offending_micro_batch") or {}).items() if k not in DECODED_KEYS}
+    return {**doc, "offending_micro_batch": sample}
+
+
+def write_json_private(path: str, doc: Any) -> None:
+    """Write ``doc`` as JSON to ``path`` atomically, readable and writable by the owner only (0600); the
+    parent directory, if created here, is 0700. Raises OSError."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=DIR_MODE, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)  # mode 0600
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_evidence(path: str | None) -> dict[str, Any] | None:
+    """The evidence document at ``path`` (None when there is no such file)."""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)  # type: ignore[no-any-return]
 
 
 def write_evidence(
@@ -64,15 +112,20 @@ def write_evidence(
     tokenizer: Any = None,
     ignore_index: int = -100,
     message: str = "",
+    decoded_text: str = "local",
 ) -> str | None:
-    """Write the evidence JSON and return its path (None, with one error log, if it cannot be written)."""
+    """Write the evidence JSON and return its path (None, with one error log, if it cannot be written).
+
+    ``decoded_text``: ``"local"`` or ``"all"`` add the decoded rows (when ``tokenizer`` is given);
+    ``"none"`` (or anything else) leaves them out.
+    """
     path = evidence_path(output_dir, rank)
     index = _offending_index(reason, report)
     sample: dict[str, Any] = {"micro_batch_index": index}
     if 0 <= index < len(rows):
         batch = rows[index]
         sample.update(batch)
-        if tokenizer is not None and "input_ids" in batch:
+        if decoded_text in ("local", "all") and tokenizer is not None and "input_ids" in batch:
             sample["decoded"] = [_decode(tokenizer, r) for r in batch["input_ids"]]
             labels = batch.get("labels") or []
             sample["decoded_supervised"] = [
@@ -92,11 +145,7 @@ def write_evidence(
         "offending_micro_batch": sample,
     }
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, default=str)
-        os.replace(tmp, path)
+        write_json_private(path, doc)
         return path
     except OSError as exc:
         logger.error("mask-monitor: could not write the abort evidence to %s: %s", path, exc)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .config import SETTINGS
 from .counters import COUNTERS, FIELDS, RATIO, RATIOS, REDUCTIONS
 
 __all__ = ["Totals", "StepReport", "WindowReport", "RunInfo", "HISTOGRAM_BUCKETS"]
@@ -176,6 +177,19 @@ class RunInfo:
     template_family: str | None = None
     wandb_run_id: str | None = None
     version: str = ""
+    #: Where decoded training text may go (``MonitorConfig.decoded_text``, set by the callback):
+    #: ``"local"`` only the evidence files on this machine, ``"all"`` also remote sinks, ``"none"`` nowhere.
+    decoded_text: str = SETTINGS["decoded_text"].default
+
+    @property
+    def remote_text(self) -> bool:
+        """Whether a sink that sends data off this machine (W&B) may send training text (token pieces,
+        decoded rows). Only ``decoded_text="all"`` allows it.
+
+        >>> RunInfo().remote_text, RunInfo(decoded_text="all").remote_text
+        (False, True)
+        """
+        return self.decoded_text == "all"
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from test_wandb_sink import html_statuses, table_rows, wandb_dir  # noqa: F401 - the fixture is reused
+from trainer_utils import CONVERSATIONS, encode_pair
 from wandb_records import find_run_dir, read_run
 
 from mask_monitor import MaskAuditor
@@ -82,6 +83,26 @@ def test_padding_and_prompt_leakage_rows(wandb_dir):  # noqa: F811
                         "padding", "padding"]
     assert html_files[table[1]["tokens"]["path"]].count("[11]") == 1  # no tokenizer: ids shown
     assert "1 prompt tokens trained on" in html_files[table[1]["tokens"]["path"]]
+
+
+def test_rows_without_roles_are_tagged_by_the_role_tagger(wandb_dir, zephyr_tokenizer):  # noqa: F811
+    templates = pytest.importorskip("mask_monitor.templates")
+    tok = zephyr_tokenizer
+    ids, _, n_prompt = encode_pair(tok, *CONVERSATIONS[0])
+    user = [{"role": "user", "content": CONVERSATIONS[0][0]}]
+    header = (len(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False))
+              - len(tok.apply_chat_template(user, tokenize=True, return_dict=False)))
+    wandb.init(mode="offline", project="mask-monitor-tests")
+    sink = WandbSink.maybe_create()
+    sink.role_tagger = templates.RoleTagger.from_tokenizer(tok, templates.detect_template(tok))
+    sink.on_train_begin(RunInfo(run_name="t"))
+    drive.auditor = MaskAuditor()  # no role tagger: the rows handed to the sink carry no roles
+    drive(sink, 1, [{"input_ids": [ids], "labels": [list(ids)]}])  # every token trained on
+    wandb.finish()
+    table, html_files = table_rows(read_run(find_run_dir(wandb_dir)))
+    (row,) = table
+    assert row["prompt_leakage_tokens"] == n_prompt - 1 - header > 0
+    assert html_statuses(html_files[row["tokens"]["path"]]).count("leakage") == n_prompt - 1 - header
 
 
 def test_table_is_bounded_in_rows_and_tokens(wandb_dir):  # noqa: F811

@@ -9,7 +9,6 @@ example, from the pre-tokenized dataset; the sink's output is read back from the
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from wandb_records import find_run_dir, read_run
 
 from mask_monitor import MaskMonitorAbort, MaskMonitorCallback
+from mask_monitor.config import ConfigError
 from mask_monitor.sinks.wandb import TABLE_COLUMNS, WandbSink, token_statuses
 
 wandb = pytest.importorskip("wandb")
@@ -240,8 +240,8 @@ def test_healthy_run_history_summary_and_table(zephyr_tokenizer, tmp_path, wandb
         assert statuses == token_statuses(ex["labels"])
         assert statuses.count("supervised") == expected_counts([ex])["supervised_tokens"]
         assert statuses[: len(ex["labels"]) - expected_counts([ex])["supervised_tokens"]].count("supervised") == 0
-        pieces = zephyr_tokenizer.convert_ids_to_tokens(ex["input_ids"])
-        assert html_tokens(text) == [html.escape(p) for p in pieces]
+        # decoded_text="local" (the default): token ids go to W&B, never token text (test_decoded_text.py)
+        assert html_tokens(text) == [f"[{i}]" for i in ex["input_ids"]]
 
 
 # --------------------------------------------------------------------------- gradient accumulation
@@ -473,3 +473,74 @@ def test_template_audit_masking_disabled_logs_leakage_and_family(zephyr_tokenize
     assert run.summary[S + "first_step/prompt_leakage"] == 1
     assert run.summary[S + "prompt_leakage_tokens"] == leaked
     assert run.summary[P + "prompt_leakage_ratio"]["max"] == pytest.approx(leaked / supervised)
+
+    # the evidence table counts and colours the leakage of its row (the roles the auditor kept with the rows;
+    # the sink also holds the auditor's role tagger for rows that come without them)
+    (sink,) = [s for s in cb.sinks.sinks if s.name == "wandb"]
+    assert sink.role_tagger is cb.auditor.role_tagger is not None
+    (trow,) = table_rows(run)[0]
+    assert (trow["step"], trow["micro_batch"], trow["row"]) == (2, 0, 0)
+    assert trow["prompt_leakage_tokens"] == prompt_lens[1] - 1 - headers[1]
+    statuses = html_statuses(table_rows(run)[1][trow["tokens"]["path"]])
+    assert statuses.count("leakage") == prompt_lens[1] - 1 - headers[1]
+    assert statuses.count("supervised") == len(examples[1]["input_ids"]) - 1 - statuses.count("leakage")
+
+
+# --------------------------------------------------------------------------- sinks as objects
+def test_a_wandb_sink_object_is_the_one_used(zephyr_tokenizer, tmp_path, wandb_dir):
+    examples = rows(zephyr_tokenizer, "assistant", n=4)
+    sink = WandbSink(table_max_rows=1)
+    cb = MaskMonitorCallback(template=None, sinks=[sink])  # wandb=None: no second, default sink is added
+    trainer = trainer_for(zephyr_tokenizer, examples, tmp_path, cb, logging_steps=2)
+    assert trainer.train().global_step == 4
+    assert [s for s in cb.sinks.sinks if s.name == "wandb"] == [sink]
+    wandb.finish()
+    run = read_run(find_run_dir(wandb_dir))
+    assert [r["train/global_step"] for r in run.history_rows(P + "masked_ratio")] == [2, 4]  # one row each
+    table, _ = table_rows(run)
+    assert [{k: r[k] for k in TABLE_COLUMNS[:-1]} for r in table] == [  # its own bound: one row
+        pytest.approx(expected_table_row(examples[1], 2, 0))]
+    assert run.summary[S + "status"] == "completed"
+
+
+def test_wandb_argument_is_validated():
+    with pytest.raises(ConfigError, match=r"wandb=False\) contradicts the WandbSink"):
+        MaskMonitorCallback(wandb=False, sinks=[WandbSink()])
+    with pytest.raises(ConfigError, match=r"MaskMonitorCallback\(wandb='yes'\): expected None \(auto\), True or False"):
+        MaskMonitorCallback(wandb="yes")
+    MaskMonitorCallback(wandb=True, sinks=[WandbSink()])  # the user's sink is the one W&B gets
+
+
+def test_a_wandb_sink_object_with_wandb_disabled_is_one_warning(zephyr_tokenizer, tmp_path, wandb_dir, monkeypatch,
+                                                                 caplog):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cb = MaskMonitorCallback(template=None, sinks=[WandbSink()])
+    trainer = trainer_for(zephyr_tokenizer, rows(zephyr_tokenizer, "assistant", n=2), tmp_path, cb,
+                          logging_steps=1, report_to="none")
+    assert trainer.train().global_step == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mask_monitor" and r.levelno >= logging.WARNING]
+    assert warnings == ["mask-monitor: W&B logging off (WANDB_DISABLED / WANDB_MODE=disabled)"]
+    assert not list(Path(wandb_dir).glob("wandb/*run-*"))
+
+
+def test_a_second_train_with_the_same_sink_starts_clean(zephyr_tokenizer, tmp_path, wandb_dir):
+    sink = WandbSink()
+    cb = MaskMonitorCallback(template=None, sinks=[sink])
+    dead = rows(zephyr_tokenizer, "all", n=1)
+    with pytest.raises(MaskMonitorAbort):
+        trainer_for(zephyr_tokenizer, dead, tmp_path / "a", cb, logging_steps=1).train()
+    assert wandb.run is None  # the first run was finished as failed
+    healthy = rows(zephyr_tokenizer, "assistant", n=2)
+    assert trainer_for(zephyr_tokenizer, healthy, tmp_path / "b", cb, logging_steps=1).train().global_step == 2
+    wandb.finish()
+    runs = [read_run(d) for d in Path(wandb_dir).glob("wandb/offline-run-*")]
+    assert len(runs) == 2
+    first, second = sorted(runs, key=lambda r: r.exit_code, reverse=True)  # names may share one second
+    assert first.exit_code == 1 and first.summary[S + "status"] == "aborted"
+    assert second.exit_code == 0 and second.summary[S + "status"] == "completed"
+    assert S + "abort_reason" not in second.summary
+    assert [r["train/global_step"] for r in second.history_rows(P + "masked_ratio")] == [1, 2]
+    assert not any(P + "aborted" in r for r in second.history)
+    table, _ = table_rows(second)
+    assert [{k: r[k] for k in TABLE_COLUMNS[:-1]} for r in table] == [
+        pytest.approx(expected_table_row(healthy[0], 1, 0)), pytest.approx(expected_table_row(healthy[1], 2, 0))]

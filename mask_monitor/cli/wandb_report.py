@@ -59,8 +59,9 @@ SECTIONS: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] =
                 PREFIX + "zero_loss_batches",
                 PREFIX + "non_finite_loss_batches",
             )),
-            ("Fully masked sequences and supervised padding", (
-                PREFIX + "fully_masked_sequences", PREFIX + "supervised_padding_tokens")),
+            ("Fully masked and unmasked sequences, supervised padding", (
+                PREFIX + "fully_masked_sequences", PREFIX + "unmasked_sequences",
+                PREFIX + "supervised_padding_tokens")),
             ("Checks fired per logging window", _FINDING_KEYS),
         ),
     ),
