@@ -29,6 +29,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -135,7 +136,7 @@ def find_trainer(max_depth: int = 16) -> Any | None:
         from transformers import Trainer
     except ImportError:  # pragma: no cover - the callback needs transformers anyway
         return None
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return None
