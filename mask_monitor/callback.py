@@ -20,6 +20,7 @@ Use: ``SFTTrainer(..., callbacks=[MaskMonitorCallback()])``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -208,8 +209,19 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
     def _setup_sinks(self) -> None:
         try:
             from .sinks.prometheus import PrometheusSink
-        except ImportError:
+        except ImportError as exc:  # prometheus-client is an extra: mask-monitor[prometheus]
             PrometheusSink = None  # noqa: N806
+            wanted = [f"{arg}={self._prom_settings[k]}" for k, arg in (("port", "prometheus_port"),
+                      ("pushgateway_url", "pushgateway_url")) if self._prom_settings[k] is not None]
+            wanted += [f"{k}={os.environ[k].strip()}" for k in ("MASK_MONITOR_PROMETHEUS_PORT",
+                       "MASK_MONITOR_PUSHGATEWAY_URL") if os.environ.get(k, "").strip()]
+            if wanted:
+                self._warn_once(
+                    "prometheus", "mask-monitor: Prometheus export asked for (%s) but unavailable (%s); "
+                    "pip install 'mask-monitor[prometheus]'. Training goes on without it.", ", ".join(wanted), exc,
+                )
+            else:
+                logger.debug("mask-monitor: Prometheus sink unavailable: %r", exc)
         if PrometheusSink is not None:
             try:
                 sink = PrometheusSink.from_settings(**self._prom_settings)
