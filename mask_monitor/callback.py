@@ -60,10 +60,16 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         template: ``"auto"`` (detect from the trainer's tokenizer), a ``ChatTemplate``, or None (off).
         tokenizer: tokenizer used for template detection and for decoding evidence (defaults to the
             trainer's ``processing_class``).
-        prometheus_port, prometheus_addr, prometheus_certfile, prometheus_keyfile, pushgateway_url,
-        prometheus_job, prometheus_linger_seconds, prometheus_aggregate: Prometheus export (off unless a
-            port or a gateway is given here or by ``MASK_MONITOR_PROMETHEUS_PORT`` /
-            ``MASK_MONITOR_PUSHGATEWAY_URL``).
+        prometheus_port: base port of the per-rank Prometheus endpoint (rank r serves base + ``LOCAL_RANK``).
+            Prometheus export is off unless a port or a gateway is given here or by
+            ``MASK_MONITOR_PROMETHEUS_PORT`` / ``MASK_MONITOR_PUSHGATEWAY_URL``.
+        prometheus_addr: address the endpoint binds (default ``0.0.0.0``).
+        prometheus_certfile: serve the endpoint over HTTPS with this certificate.
+        prometheus_keyfile: the key of that certificate.
+        pushgateway_url: push the metrics to this Pushgateway.
+        prometheus_job: the ``job`` grouping key of pushed metrics.
+        prometheus_linger_seconds: how long an aborting run keeps serving its final metrics.
+        prometheus_aggregate: export exact job-wide totals from rank 0 only (``rank="all"``; 512+ ranks).
         wandb: log to Weights & Biases when a run is active (None = auto, False = never).
     """
 
