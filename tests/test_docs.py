@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -119,11 +120,14 @@ def test_not_run_markers_are_well_formed(page: Path):
 
 # ------------------------------------------------------------------------------ generated reference tables
 def _hooks():
-    sys.path.insert(0, str(DOCS))
-    try:
-        return importlib.import_module("hooks")
-    finally:
-        sys.path.remove(str(DOCS))
+    """docs/hooks.py, the MkDocs hook that writes the tables, loaded under a name of its own."""
+    name = "mask_monitor_docs_hooks"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DOCS / "hooks.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def _rows(table: str) -> dict[str, list[str]]:
