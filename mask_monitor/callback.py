@@ -26,6 +26,7 @@ Use: ``SFTTrainer(..., callbacks=[MaskMonitorCallback()])``.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -65,10 +66,16 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         template: ``"auto"`` (detect from the trainer's tokenizer), a ``ChatTemplate``, or None (off).
         tokenizer: tokenizer used for template detection and for decoding evidence (defaults to the
             trainer's ``processing_class``).
-        prometheus_port, prometheus_addr, prometheus_certfile, prometheus_keyfile, pushgateway_url,
-        prometheus_job, prometheus_linger_seconds, prometheus_aggregate: Prometheus export (off unless a
-            port or a gateway is given here or by ``MASK_MONITOR_PROMETHEUS_PORT`` /
-            ``MASK_MONITOR_PUSHGATEWAY_URL``).
+        prometheus_port: base port of the per-rank Prometheus endpoint (rank r serves base + ``LOCAL_RANK``).
+            Prometheus export is off unless a port or a gateway is given here or by
+            ``MASK_MONITOR_PROMETHEUS_PORT`` / ``MASK_MONITOR_PUSHGATEWAY_URL``.
+        prometheus_addr: address the endpoint binds (default ``0.0.0.0``).
+        prometheus_certfile: serve the endpoint over HTTPS with this certificate.
+        prometheus_keyfile: the key of that certificate.
+        pushgateway_url: push the metrics to this Pushgateway.
+        prometheus_job: the ``job`` grouping key of pushed metrics.
+        prometheus_linger_seconds: how long an aborting run keeps serving its final metrics.
+        prometheus_aggregate: export exact job-wide totals from rank 0 only (``rank="all"``; 512+ ranks).
         wandb: whether the callback adds a :class:`~mask_monitor.sinks.wandb.WandbSink` by itself: ``None``
             (default) when a W&B run is active at train begin, ``True`` always (a missing or disabled wandb
             is one warning), ``False`` never. A ``WandbSink`` given in ``sinks`` is the one used (then
@@ -238,8 +245,19 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
     def _setup_sinks(self) -> None:
         try:
             from .sinks.prometheus import PrometheusSink
-        except ImportError:
+        except ImportError as exc:  # prometheus-client is an extra: mask-monitor[prometheus]
             PrometheusSink = None  # noqa: N806
+            wanted = [f"{arg}={self._prom_settings[k]}" for k, arg in (("port", "prometheus_port"),
+                      ("pushgateway_url", "pushgateway_url")) if self._prom_settings[k] is not None]
+            wanted += [f"{k}={os.environ[k].strip()}" for k in ("MASK_MONITOR_PROMETHEUS_PORT",
+                       "MASK_MONITOR_PUSHGATEWAY_URL") if os.environ.get(k, "").strip()]
+            if wanted:
+                self._warn_once(
+                    "prometheus", "mask-monitor: Prometheus export asked for (%s) but unavailable (%s); "
+                    "pip install 'mask-monitor[prometheus]'. Training goes on without it.", ", ".join(wanted), exc,
+                )
+            else:
+                logger.debug("mask-monitor: Prometheus sink unavailable: %r", exc)
         if PrometheusSink is not None:
             try:
                 sink = PrometheusSink.from_settings(**self._prom_settings)

@@ -164,7 +164,8 @@ class Ratio:
 
     Args:
         name: attribute of :class:`~mask_monitor.reports.Totals`, W&B key, docs.
-        numerator, denominator: counter names.
+        numerator: the counter name of the numerator.
+        denominator: the counter name of the denominator.
         help: what it means.
         summary: the run-summary aggregates W&B keeps for it (``define_metric(summary=...)``).
         template: only meaningful when a chat template is known.
