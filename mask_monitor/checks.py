@@ -296,7 +296,7 @@ _DECLARED: tuple[Check, ...] = (
         "all_masked_micro_batch",
         "warn",
         "a single micro-batch with no supervised target ('abort' = strict policy)",
-        "{all_masked_batches} of {micro_batches} micro-batch(es) in step {step} have no supervised target; "
+        "{all_masked_batches} of {micro_batches} micro-batch(es) {where} have no supervised target; "
         "the step still has {supervised_tokens} supervised tokens elsewhere, so it trains (use "
         "all_masked_micro_batch='abort' for the strict policy).",
         _all_masked_micro_batch,
@@ -375,8 +375,8 @@ _DECLARED: tuple[Check, ...] = (
         "prompt_leakage",
         "warn",
         "supervised prompt tokens (needs a known chat template) above a threshold",
-        "{prompt_leakage_tokens} of {audited_supervised_tokens} supervised targets ({share:.1%}) in step "
-        "{step} are prompt tokens (system and user turns), above the threshold {threshold:.1%}: the model "
+        "{prompt_leakage_tokens} of {audited_supervised_tokens} supervised targets ({share:.1%}) {where} "
+        "are prompt tokens (system and user turns), above the threshold {threshold:.1%}: the model "
         "is being trained to write the prompts.",
         _prompt_leakage,
         causes=(
@@ -396,7 +396,7 @@ _DECLARED: tuple[Check, ...] = (
         "fully_masked_sequences",
         "warn",
         "sequences (rows or packed documents) with no supervised target",
-        "{fully_masked_sequences} of {sequences} sequences in step {step} have no supervised target (their "
+        "{fully_masked_sequences} of {sequences} sequences {where} have no supervised target (their "
         "response was truncated away or never found); they cost compute and teach nothing.",
         _fully_masked_sequences,
         to_check=("run `mask-monitor audit` to see which examples are fully masked and why",),
@@ -406,7 +406,7 @@ _DECLARED: tuple[Check, ...] = (
         "unmasked",
         "warn",
         "sequences with no masking at all (prompt tokens trained on)",
-        "{unmasked_sequences} of {sequences} sequences in step {step} have no masking at all: every target "
+        "{unmasked_sequences} of {sequences} sequences {where} have no masking at all: every target "
         "token is trained on, prompt included. Expected for pre-training style data; for chat SFT it usually "
         "means masking is disabled (labels == input_ids, assistant_only_loss/completion_only_loss off).",
         _unmasked,
@@ -416,7 +416,7 @@ _DECLARED: tuple[Check, ...] = (
         "supervised_padding",
         "warn",
         "supervised targets on padding or across a packed-document boundary",
-        "{supervised_padding_tokens} supervised targets in step {step} are padding or cross a packed-document "
+        "{supervised_padding_tokens} supervised targets {where} are padding or cross a packed-document "
         "boundary: the loss trains on them (labels of pad tokens should be -100).",
         _supervised_padding,
         offending=lambda t: t.supervised_padding_tokens > 0,
@@ -425,8 +425,8 @@ _DECLARED: tuple[Check, ...] = (
         "response_coverage",
         "warn",
         "assistant tokens left unsupervised (needs a known chat template)",
-        "only {supervised_assistant_content_tokens} of {assistant_content_tokens} assistant tokens in step "
-        "{step} are supervised ({share:.1%}, threshold {threshold:.1%}): parts of the responses are masked "
+        "only {supervised_assistant_content_tokens} of {assistant_content_tokens} assistant tokens {where} "
+        "are supervised ({share:.1%}, threshold {threshold:.1%}): parts of the responses are masked "
         "(truncation, or a response marker that matches too late).",
         _response_coverage,
     ),
@@ -434,7 +434,7 @@ _DECLARED: tuple[Check, ...] = (
         "eot_unsupervised",
         "warn",
         "assistant end-of-turn tokens not supervised (the model never learns to stop)",
-        "{missed} of the {assistant_turns} assistant end-of-turn tokens in step {step} are not supervised "
+        "{missed} of the {assistant_turns} assistant end-of-turn tokens {where} are not supervised "
         "({share:.1%} supervised, threshold {threshold:.1%}): the model does not learn to stop there "
         "(include the end-of-turn token in the assistant mask).",
         _eot_unsupervised,
@@ -508,6 +508,8 @@ def explain(check: str, numbers: Mapping[str, object], *, details: bool = True) 
     c = CHECKS.get(check)
     if c is None:
         return f"mask-monitor [{check}]: {dict(numbers)}"
+    if "where" not in numbers and "step" in numbers:
+        numbers = {**numbers, "where": f"in step {numbers['step']}"}
     seen = c.seen(numbers) if callable(c.seen) else format_numbers(c.seen, numbers)
     lines = [f"mask-monitor [{check}]: {seen}"]
     if details:

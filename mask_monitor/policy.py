@@ -103,6 +103,7 @@ class Policy:
                 numbers_base["ranks"] = ctx.world_size
                 numbers_base["step"] = ctx.step
                 numbers_base["scope"] = ctx.scope
+                numbers_base["where"] = f"in step {ctx.step}" if ctx.scope == "step" else "in the dataset"
                 numbers_base.update(details)
             numbers = {**numbers_base, **extra}
             out.append(Finding(check.name, action, ctx.step, explain(check.name, numbers), numbers))
