@@ -1,9 +1,11 @@
 """The evidence file an abort leaves on disk: what was seen, where, and the offending rows.
 
 ``<output_dir>/mask_monitor/abort-rank<R>.json`` holds the reason, step, rank, the counts behind the
-verdict, this rank's per-micro-batch counts, and the first rows of the offending micro-batch's
-``input_ids`` and labels, decoded to text when a tokenizer is known. Writing it never raises: a
-monitor that cannot write its evidence still stops the run, and says so.
+verdict, this rank's per-micro-batch counts, the rank and micro-batch at fault (``offending_rank``,
+``offending_micro_batch``, found from the exchanged per-rank counts) and, in the file of the rank that
+holds it, the first rows of that micro-batch's ``input_ids`` and labels, decoded to text when a tokenizer
+is known (a healthy rank's file names the file that has them). Writing it never raises: a monitor that
+cannot write its evidence still stops the run, and says so.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .reports import StepReport
+from .checks import CHECKS
+from .reports import StepReport, Totals
 
 __all__ = ["write_evidence", "evidence_path"]
 
@@ -26,23 +30,33 @@ def evidence_path(output_dir: str | os.PathLike[str] | None, rank: int) -> str:
     return os.path.join(base, "mask_monitor", f"abort-rank{rank}.json")
 
 
-def _offending_index(reason: str, report: StepReport) -> int:
-    mbs = report.micro_batches
-    pick = {
-        "all_masked": lambda t: t.all_masked_batches > 0,
-        "all_masked_micro_batch": lambda t: t.all_masked_batches > 0,
-        "zero_loss": lambda t: t.zero_loss_batches > 0,
-        "non_finite_loss": lambda t: t.non_finite_loss_batches > 0,
-        "fully_masked_share": lambda t: t.fully_masked_sequences > 0,
-        "fully_masked_sequences": lambda t: t.fully_masked_sequences > 0,
-        "prompt_leakage": lambda t: t.prompt_leakage_tokens > 0,
-        "unmasked": lambda t: t.unmasked_batches > 0,
-    }.get(reason)
-    if pick is not None:
-        for i, t in enumerate(mbs):
-            if pick(t):
-                return i
-    return 0
+def _flagged_first(pick: Callable[[Totals], bool], first: tuple[int, ...]) -> int | None:
+    """Another rank's first micro-batch ``pick`` flags, from its exchanged first-positive index per counter
+    (exact for the declared predicates, which each test one counter)."""
+    for i in sorted({f for f in first if f >= 0}):
+        if pick(Totals.from_values(1.0 if f == i else 0.0 for f in first)):
+            return i
+    return None
+
+
+def offending(reason: str, report: StepReport) -> tuple[int, int | None]:
+    """``(index into report.per_rank, micro-batch index)`` of the micro-batch at fault.
+
+    The rank is this one when the check's ``offending`` predicate flags its own step counts, else the first
+    rank whose exchanged counts it flags; the micro-batch is that rank's first flagged one (from this
+    rank's own micro-batch counts, or the other rank's exchanged first-positive indices; None if unknown).
+    """
+    check = CHECKS.get(reason)
+    pick = check.offending if check is not None else None
+    if pick is None:
+        return report.rank, 0
+    mine = pick(report.local)
+    at = report.rank if mine else next((r for r, t in enumerate(report.per_rank) if pick(t)), report.rank)
+    if at == report.rank:
+        return at, next((i for i, t in enumerate(report.micro_batches) if pick(t)), 0)
+    if at < len(report.first_positive):
+        return at, _flagged_first(pick, report.first_positive[at])
+    return at, None
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str | None:
@@ -67,9 +81,12 @@ def write_evidence(
 ) -> str | None:
     """Write the evidence JSON and return its path (None, with one error log, if it cannot be written)."""
     path = evidence_path(output_dir, rank)
-    index = _offending_index(reason, report)
-    sample: dict[str, Any] = {"micro_batch_index": index}
-    if 0 <= index < len(rows):
+    at, index = offending(reason, report)
+    at_rank = report.global_rank(at)
+    sample: dict[str, Any] = {"rank": at_rank, "micro_batch_index": index}
+    if at != report.rank:  # its rows are on the rank that has them, in that rank's evidence file
+        sample["rows_in"] = os.path.basename(evidence_path(output_dir, at_rank))
+    elif index is not None and 0 <= index < len(rows):
         batch = rows[index]
         sample.update(batch)
         if tokenizer is not None and "input_ids" in batch:
@@ -85,6 +102,7 @@ def write_evidence(
         "world_size": report.world_size,
         "time": time.time(),
         "message": message,
+        "offending_rank": at_rank,
         "numbers": numbers,
         "step_total": report.total.as_dict(),
         "this_rank": report.local.as_dict(),
