@@ -4,6 +4,8 @@ Usage: torchrun --nproc_per_node=2 tests/scripts/train_ddp.py SCENARIO OUT_DIR [
   nan_rank1          rank 1's weights turn NaN when step 2 begins (its loss goes NaN)
   masked_rank1       rank 1's micro-batch of step 2 is all -100 (default policy: counted, trains)
   masked_rank1_strict the same under the strict micro-batch policy (abort)
+  fail_rank1         rank 1 cannot close step 2 (a malformed micro-batch vector injected into its pending
+                     step): both ranks must stop with RankFailure naming rank 1, in step 2, before its update
   healthy            no pathology
 Each rank writes OUT_DIR/result-rank<R>.json: outcome, step, summary.
 """
@@ -24,15 +26,16 @@ sys.path.insert(0, str(HERE.parent))
 from trainer_utils import exit_worker, rows, tiny_llama  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-from mask_monitor import MaskMonitorAbort, MaskMonitorCallback  # noqa: E402
+from mask_monitor import MaskMonitorAbort, MaskMonitorCallback, RankFailure  # noqa: E402
 
 FIXTURES = HERE.parents[2] / "shared" / "fixtures"
 
 
 class Pathology(TrainerCallback):
-    def __init__(self, scenario: str, rank: int, model: torch.nn.Module):
+    def __init__(self, scenario: str, rank: int, model: torch.nn.Module, monitor: MaskMonitorCallback):
         self.scenario = scenario
         self.rank = rank
+        self.monitor = monitor
         self.step = 0
         if scenario.startswith("masked") and rank == 1:
             model.register_forward_pre_hook(self._mask_labels, with_kwargs=True)
@@ -47,6 +50,8 @@ class Pathology(TrainerCallback):
         if self.scenario == "nan_rank1" and self.rank == 1 and self.step == 2:
             with torch.no_grad():
                 model.model.norm.weight.fill_(float("nan"))
+        if self.scenario == "fail_rank1" and self.rank == 1 and self.step == 2:
+            self.monitor.auditor._pending.append(torch.zeros(3, dtype=torch.float64))  # cannot be stacked
 
 
 def main() -> NoReturn:
@@ -69,7 +74,7 @@ def main() -> NoReturn:
         ddp_backend="gloo", seed=0, learning_rate=1e-2,
     )
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
-                             callbacks=[Pathology(scenario, rank, model), cb])
+                             callbacks=[Pathology(scenario, rank, model, cb), cb])
     result: dict = {"rank": rank, "scenario": scenario}
     try:
         out = trainer.train()
@@ -79,6 +84,10 @@ def main() -> NoReturn:
         result.update(outcome="aborted", reason=err.reason, step=err.step, abort_rank=err.rank,
                       global_step=trainer.state.global_step, evidence=err.evidence_path)
         code = 3
+    except RankFailure as err:
+        result.update(outcome="rank_failure", step=err.step, failures=err.failures, message=str(err),
+                      global_step=trainer.state.global_step)
+        code = 4
     result["summary"] = {k: v for k, v in cb.summary().items() if not isinstance(v, dict) or k == "findings"}
     (out_dir / f"result-rank{rank}.json").write_text(json.dumps(result, default=str))
     exit_worker(code)  # no destroy_process_group, no return: see exit_worker
