@@ -8,6 +8,7 @@ Usage: torchrun --nproc_per_node=2 tests/scripts/train_ddp.py SCENARIO OUT_DIR [
                      step): both ranks must stop with RankFailure naming rank 1, in step 2, before its update
   healthy            no pathology
 Each rank writes OUT_DIR/result-rank<R>.json: outcome, step, summary.
+With MM_CUDA=1 each rank trains on its own GPU over NCCL (the 2-GPU check, scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> NoReturn:
     import trl
 
     rank = int(os.environ["RANK"])
+    cuda = os.environ.get("MM_CUDA") == "1"
     tok = AutoTokenizer.from_pretrained(FIXTURES / "tokenizers" / "TinyLlama-1.1B-Chat-v1.0__composed")
     tok.pad_token = tok.pad_token or tok.unk_token
     from datasets import Dataset
@@ -70,12 +72,13 @@ def main() -> NoReturn:
                              prometheus_linger_seconds=float(os.environ.get("LINGER", "0")))
     config = trl.SFTConfig(
         output_dir=str(out_dir / "out"), per_device_train_batch_size=1, num_train_epochs=1, max_length=None,
-        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1,
-        ddp_backend="gloo", seed=0, learning_rate=1e-2,
+        report_to="none", use_cpu=not cuda, save_strategy="no", disable_tqdm=True, logging_steps=1,
+        ddp_backend="nccl" if cuda else "gloo", seed=0, learning_rate=1e-2,
     )
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
                              callbacks=[Pathology(scenario, rank, model, cb), cb])
-    result: dict = {"rank": rank, "scenario": scenario}
+    result: dict = {"rank": rank, "scenario": scenario, "device": str(trainer.args.device),
+                    "backend": str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None}
     try:
         out = trainer.train()
         result.update(outcome="completed", global_step=out.global_step)
