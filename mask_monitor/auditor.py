@@ -65,6 +65,15 @@ RoleTagger = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 _HEAD = 3  # status, fingerprint, micro-batches: the head of every rank's exchanged vector
 
 
+def _filled(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small vector of host numbers written on the device by fills (``torch.tensor(list, device=cuda)``
+    copies from pageable host memory and synchronises)."""
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 def fingerprint(settings: Any) -> int:
     """A 20-bit digest of ``settings`` (exact in float32 too): ranks that must agree exchange it each step."""
     return zlib.crc32(repr(settings).encode()) & 0xFFFFF
@@ -217,6 +226,12 @@ class MaskAuditor:
         return (self.sequence_group is not None and self.sync and is_distributed()
                 and group_rank_and_size(self.sequence_group)[1] > 1)
 
+    def _duplicate(self) -> bool:
+        """Whether another data-parallel group holds the same data and this one is not the first (rank 0's)."""
+        if self.process_group is None or not is_distributed():
+            return False
+        return 0 not in global_ranks(self.process_group)
+
     @property
     def exchanges(self) -> bool:
         """Whether :meth:`step` exchanges with other ranks (every member must then call it each step)."""
@@ -259,7 +274,7 @@ class MaskAuditor:
             mb, rows, block, sizes = torch.zeros((0, k), dtype=dtype, device=device), [], None, []
         if sharded:
             mb, status, failures = self._combine_shards(mb, block, sizes, status, failures, step_no)
-        head = torch.tensor([float(status), float(self.fingerprint), float(mb.shape[0])], dtype=dtype, device=device)
+        head = _filled((float(status), float(self.fingerprint), float(mb.shape[0])), dtype, device)
         vec = torch.cat([head, combine(mb), first_positive(mb)])
         gathered = gather_rows(vec, self.process_group) if exchanging else vec.unsqueeze(0)
         payload = torch.cat([gathered.reshape(-1), mb.reshape(-1)]).tolist()  # the one host sync
@@ -292,6 +307,7 @@ class MaskAuditor:
             micro_batches=micro,
             ranks=tuple(ranks),
             first_positive=first,
+            duplicate=self._duplicate(),
         )
         self._last_rows = rows
         self._accumulate(report)
@@ -342,8 +358,8 @@ class MaskAuditor:
         me, _ = rank_and_world()
         n = mb.shape[0]
         n_rows = sum(sizes)
-        header = torch.tensor([float(status), float(n), float(n_rows)], dtype=torch.float64)
-        heads = gather_rows(header.to(collective_device(None, group)), group).tolist()  # sync: sizes must agree
+        header = _filled((float(status), float(n), float(n_rows)), mb.dtype, collective_device(mb.device, group))
+        heads = gather_rows(header, group).tolist()  # a second read-back: the shards' shapes must agree
         ok = all(h[0] == OK for h in heads)
         if ok and len({(h[1], h[2]) for h in heads}) > 1:
             ranks = global_ranks(group)

@@ -129,8 +129,8 @@ def from_shards(summed: torch.Tensor, rows: torch.Tensor, sizes: list[int]) -> t
     real, sup, sup_pad = (rows[:, i].to(dtype) for i in range(3))
     slots = (real - 1).clamp(min=0) + sup_pad
     has = slots > 0
-    owner = torch.repeat_interleave(torch.arange(n, device=rows.device),
-                                    torch.tensor(sizes, device=rows.device, dtype=torch.int64))
+    # which micro-batch each row belongs to, built by fills (no host-to-device copy, no synchronisation)
+    owner = torch.cat([torch.full((size,), i, dtype=torch.int64, device=rows.device) for i, size in enumerate(sizes)])
 
     def per_mb(x: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros(n, dtype=dtype, device=rows.device)

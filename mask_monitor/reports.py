@@ -144,6 +144,9 @@ class StepReport:
     #: per ``per_rank`` entry, per counter (FIELDS order): the index of that rank's first micro-batch of
     #: the step where the counter is positive, -1 where none is (empty: not exchanged)
     first_positive: tuple[tuple[int, ...], ...] = ()
+    #: this rank's data-parallel group repeats another's counts (tensor- / context-parallel peers hold the
+    #: same data): exporters that sum per-rank counts over all ranks should leave this rank's out
+    duplicate: bool = False
 
     @property
     def local(self) -> Totals:

@@ -54,6 +54,7 @@ def test_data_parallel_mesh_counts_equal_single_process(results):
         assert res["total"] == res["single"]
         assert {k: res["total"][k] for k in COUNT_KEYS} == res["independent"]
         assert res["world_size"] == 2 and res["ranks"] == [0, 1] and res["rank_index"] == r
+        assert res["duplicate"] is False
         assert res["total"]["micro_batches"] == 2 and res["independent"]["sequences"] == 6
     assert results[0]["dp_2x1"]["per_rank"] == results[1]["dp_2x1"]["per_rank"]
 
@@ -62,6 +63,7 @@ def test_tensor_parallel_pair_counted_once(results):
     for r in (0, 1):
         res = results[r]["tp_pair"]
         assert res["world_size"] == 1
+        assert res["duplicate"] is (r == 1)  # rank 1's counts repeat rank 0's: per-rank exporters skip them
         assert res["total"] == res["single"]
         assert {k: res["total"][k] for k in COUNT_KEYS} == res["independent"]
         # the contrast: over the default group the pair's one batch is counted twice

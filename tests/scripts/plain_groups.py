@@ -108,7 +108,7 @@ def dp_2x1(rank: int) -> dict[str, Any]:
     r = a.step()
     both = [batch(seed=10), batch(seed=11)]
     return {"total": counts(r.total), "single": single(both, [1.5, 1.5]), "independent": independent(both),
-            "world_size": r.world_size, "ranks": list(r.ranks), "rank_index": r.rank,
+            "world_size": r.world_size, "ranks": list(r.ranks), "rank_index": r.rank, "duplicate": r.duplicate,
             "per_rank": [counts(t) for t in r.per_rank]}
 
 
@@ -121,7 +121,7 @@ def tp_pair(rank: int) -> dict[str, Any]:
         a.update(same["labels"], attention_mask=same["attention_mask"], loss=torch.tensor(2.0))
     r_dp, r_world = dp.step(), world.step()
     return {"total": counts(r_dp.total), "world_total": counts(r_world.total), "single": single([same], [2.0]),
-            "independent": independent([same]), "world_size": r_dp.world_size}
+            "independent": independent([same]), "world_size": r_dp.world_size, "duplicate": r_dp.duplicate}
 
 
 def cp_pair(rank: int) -> dict[str, Any]:
