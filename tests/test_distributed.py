@@ -88,3 +88,12 @@ def test_all_masked_on_rank1_default_counts_and_trains(tmp_path, fixtures_dir):
         assert res[r]["outcome"] == "completed" and res[r]["global_step"] == 4
         assert s["all_masked_batches"] == 1 and s["findings"]["all_masked_micro_batch"] == 1
         assert s["micro_batches"] == 8  # global: 4 steps x 2 ranks
+
+
+def test_ranks_with_different_settings_stop_together(tmp_path, fixtures_dir):
+    code, res, elapsed = torchrun("settings_rank1", tmp_path, fixtures_dir)
+    assert code != 0 and elapsed < 120
+    for r in (0, 1):
+        assert res[r]["outcome"] == "rank_failure", res[r]
+        assert res[r]["step"] == 1 and res[r]["global_step"] == 0
+        assert "the ranks run different monitor settings" in res[r]["message"]

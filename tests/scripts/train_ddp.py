@@ -6,6 +6,8 @@ Usage: torchrun --nproc_per_node=2 tests/scripts/train_ddp.py SCENARIO OUT_DIR [
   masked_rank1_strict the same under the strict micro-batch policy (abort)
   fail_rank1         rank 1 cannot close step 2 (a malformed micro-batch vector injected into its pending
                      step): both ranks must stop with RankFailure naming rank 1, in step 2, before its update
+  settings_rank1     rank 1 alone runs with MASK_MONITOR_ALL_MASKED_MICRO_BATCH=abort (a variable set on one
+                     node only): both ranks must stop at step 1 with RankFailure naming the settings
   healthy            no pathology
 Each rank writes OUT_DIR/result-rank<R>.json: outcome, step, summary.
 With MM_CUDA=1 each rank trains on its own GPU over NCCL (the 2-GPU check, scripts/gpu_check.sh).
@@ -68,6 +70,8 @@ def main() -> NoReturn:
 
     data = Dataset.from_list(rows(tok, "assistant"))
     model = tiny_llama(len(tok))
+    if scenario == "settings_rank1" and rank == 1:
+        os.environ["MASK_MONITOR_ALL_MASKED_MICRO_BATCH"] = "abort"
     cb = MaskMonitorCallback(strict=scenario.endswith("_strict"), prometheus_port=port,
                              prometheus_linger_seconds=float(os.environ.get("LINGER", "0")))
     config = trl.SFTConfig(
