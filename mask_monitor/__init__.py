@@ -20,7 +20,7 @@ from .auditor import MaskAuditor
 from .checks import CHECKS, Check, Finding
 from .config import ConfigError, MonitorConfig
 from .counters import COUNTERS, FIELDS, RATIOS, Counter, Ratio
-from .errors import ABORT_REASONS, InputError, MaskMonitorAbort
+from .errors import ABORT_REASONS, InputError, MaskMonitorAbort, RankFailure
 from .policy import Policy, first_abort
 from .reports import RunInfo, StepReport, Totals, WindowReport
 from .stats import batch_stats
@@ -58,6 +58,7 @@ __all__ = [
     "MonitorConfig",
     "Policy",
     "RATIOS",
+    "RankFailure",
     "Ratio",
     "RunInfo",
     "StepReport",

@@ -35,13 +35,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ._version import __version__
-from .auditor import MaskAuditor
+from .auditor import MaskAuditor, fingerprint
 from .capture import ForwardCapture, LossCapture, MicroBatch, find_trainer
 from .checks import Finding
 from .config import ConfigError, MonitorConfig
 from .distributed import local_rank, rank_and_world
-from .errors import MaskMonitorAbort
+from .errors import MaskMonitorAbort, RankFailure
 from .evidence import write_evidence
+from .groups import trainer_groups
 from .policy import Policy, first_abort
 from .prepared import dropped_rows
 from .reports import RunInfo, StepReport, Totals
@@ -371,8 +372,30 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             self._warn_once("model", "mask-monitor: neither a Trainer nor a model reached on_train_begin; audit off")
             return
         self._capture.install()
+        self._setup_groups(trainer)
         self._active = True
         self._audited_step = state.global_step
+
+    def _setup_groups(self, trainer: Any) -> None:
+        """Exchange over the data-parallel group only, shards of a sequence combined (TP / CP / SP), and let
+        every rank check that the others judge with the same settings."""
+        self.auditor.set_groups(None, None)
+        # the verdict is a function of the exchanged counts and the settings: equal settings, equal verdicts
+        self.auditor.fingerprint = fingerprint(sorted(self.config.as_dict().items()))
+        if trainer is None:
+            return
+        try:
+            dp, seq, described = trainer_groups(trainer)
+        except Exception as exc:  # noqa: BLE001 - the monitor's own fault: one warning, counts over the world
+            self._warn_once("groups", "mask-monitor: cannot read the data-parallel / sequence groups (%s: %s); "
+                            "counting over every rank (tensor-parallel ranks counted more than once)",
+                            type(exc).__name__, exc)
+            return
+        if described:
+            self.auditor.set_groups(dp, seq)
+            if self.info.is_main_process:
+                logger.info("mask-monitor: %s: counting over the data-parallel group%s", described,
+                            ", sequence shards combined" if seq is not None else "")
 
     def _new_run(self) -> None:
         """Each train() reports its own run (resuming from a checkpoint restores the saved totals after this)."""
@@ -438,13 +461,13 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         try:
             self.auditor.update(labels, input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                                 position_ids=mb.position_ids, shift_labels=mb.shift_labels, loss=mb.loss,
-                                causal=mb.causal)
+                                causal=mb.causal, part_of=mb.part_of)
         except Exception as exc:  # noqa: BLE001 - the monitor must not break a healthy run
             what = "cannot interpret" if isinstance(exc, UnsupportedBatch) else "failed to audit"
             self._warn_once("batch", "mask-monitor: %s a batch's labels (%s: %s); only its loss is checked, "
                             "training goes on", what, type(exc).__name__, exc)
             try:
-                self.auditor.update(None, loss=mb.loss)
+                self.auditor.update(None, loss=mb.loss, part_of=mb.part_of)
             except Exception as exc2:  # noqa: BLE001
                 self._warn_once("loss", "mask-monitor: cannot read a batch's loss either (%r)", exc2)
         if mb.last is False:
@@ -466,7 +489,16 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self._audited_step = step
         try:
             report = self.auditor.step(step)
-        except Exception as exc:  # noqa: BLE001 - e.g. a collective that failed; never stop a healthy run
+        except RankFailure as exc:  # a rank could not close the step: every rank raises here, in this step
+            logger.error("rank %d: %s", self.info.rank, exc)
+            self._finish()
+            raise
+        except Exception as exc:
+            if self.auditor.exchanges:  # a collective failed: the ranks can no longer stay in step; stop loudly
+                logger.error("rank %d: mask-monitor: the step exchange failed (%s: %s)", self.info.rank,
+                             type(exc).__name__, exc)
+                self._finish()
+                raise
             self._warn_once("step", "mask-monitor: step audit failed (%s: %s); training goes on",
                             type(exc).__name__, exc)
             return

@@ -53,6 +53,9 @@ class MicroBatch:
     unread: list[str] = field(default_factory=list)
     #: the last micro-batch of its optimizer step (None: unknown)
     last: bool | None = None
+    #: set on the row chunks of one micro-batch (``nn.DataParallel`` replicas seen by the forward hook):
+    #: chunks sharing it are merged into one micro-batch by the auditor
+    part_of: int | None = None
 
 
 def _tensor(x: Any) -> torch.Tensor | None:
@@ -222,6 +225,8 @@ class LossCapture:
                 mb.unread = given.unread + [u for u in mb.unread if u not in given.unread]
             return_outputs = kwargs.get("return_outputs", args[0] if args else False)
             loss = out[0] if return_outputs and isinstance(out, tuple | list) else out
+            if isinstance(model, torch.nn.DataParallel) and isinstance(loss, torch.Tensor) and loss.dim() == 1:
+                loss = loss.mean()  # one loss per replica, gathered on one device: the Trainer trains the mean
             mb.loss = loss.detach() if isinstance(loss, torch.Tensor) else None
             mb.last = capture._is_last()
             capture._sink(mb)
@@ -277,7 +282,9 @@ class ForwardCapture:
     """Fallback without a Trainer: a forward hook on the model (training forwards that carry labels).
 
     Thread-safe (``nn.DataParallel`` runs the hooks of its replicas in one thread per device): each call
-    hands its own :class:`MicroBatch` to ``sink`` under a lock.
+    hands its own :class:`MicroBatch` to ``sink`` under a lock. A replica's call (the hooked module is a
+    copy of the model) carries a chunk of the micro-batch's rows, on its own device: the chunks of one
+    micro-batch (between two :meth:`new_micro_batch` calls) share ``part_of`` and count as one.
     """
 
     def __init__(self, model: torch.nn.Module, sink: Sink) -> None:
@@ -288,6 +295,7 @@ class ForwardCapture:
         self.encoder_decoder = _is_encoder_decoder(model)
         self.without_labels = 0
         self._dedupe: tuple[int, tuple[int, ...]] | None = None
+        self._generation = 0
 
     def install(self) -> None:
         if self._handle is None:
@@ -300,7 +308,9 @@ class ForwardCapture:
 
     def new_micro_batch(self) -> None:
         """The Trainer moved on to the next micro-batch: a forward of the same labels is a new one."""
-        self._dedupe = None
+        with self._lock:
+            self._dedupe = None
+            self._generation += 1
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not module.training:
@@ -316,4 +326,6 @@ class ForwardCapture:
                 return
             self._dedupe = key
             mb.loss = loss_of_output(output)
+            if module is not self._model:  # a DataParallel replica: one row chunk of the micro-batch
+                mb.part_of = self._generation
             self._sink(mb)

@@ -1,8 +1,10 @@
 """The evidence file an abort leaves on disk: what was seen, where, and the offending rows.
 
 ``<output_dir>/mask_monitor/abort-rank<R>.json`` holds the reason, step, rank, the counts behind the
-verdict, this rank's per-micro-batch counts, and the first rows of the offending micro-batch's
-``input_ids`` and labels. With ``decoded_text`` ``"local"`` (the default) or ``"all"``
+verdict, this rank's per-micro-batch counts, the rank and micro-batch at fault (``offending_rank``,
+``offending_micro_batch``, found from the exchanged per-rank counts) and, in the file of the rank that
+holds it, the first rows of that micro-batch's ``input_ids`` and labels (a healthy rank's file names the
+file that has them). With ``decoded_text`` ``"local"`` (the default) or ``"all"``
 (:attr:`MonitorConfig.decoded_text <mask_monitor.config.MonitorConfig>`) and a known tokenizer, those
 rows are also decoded to text (:data:`DECODED_KEYS`); with ``"none"`` the file holds token ids and
 counts only. SFT data often carries personal or licensed text, so the file is written owner-only
@@ -18,10 +20,11 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .checks import CHECKS
-from .reports import StepReport
+from .reports import StepReport, Totals
 
 __all__ = [
     "write_evidence",
@@ -46,14 +49,33 @@ def evidence_path(output_dir: str | os.PathLike[str] | None, rank: int) -> str:
     return os.path.join(base, "mask_monitor", f"abort-rank{rank}.json")
 
 
-def _offending_index(reason: str, report: StepReport) -> int:
-    """The first micro-batch the check ``reason`` blames (``Check.offending``), else the first."""
+def _flagged_first(pick: Callable[[Totals], bool], first: tuple[int, ...]) -> int | None:
+    """Another rank's first micro-batch ``pick`` flags, from its exchanged first-positive index per counter
+    (exact for the declared predicates, which each test one counter)."""
+    for i in sorted({f for f in first if f >= 0}):
+        if pick(Totals.from_values(1.0 if f == i else 0.0 for f in first)):
+            return i
+    return None
+
+
+def offending(reason: str, report: StepReport) -> tuple[int, int | None]:
+    """``(index into report.per_rank, micro-batch index)`` of the micro-batch at fault.
+
+    The rank is this one when the check's ``offending`` predicate flags its own step counts, else the first
+    rank whose exchanged counts it flags; the micro-batch is that rank's first flagged one (from this
+    rank's own micro-batch counts, or the other rank's exchanged first-positive indices; None if unknown).
+    """
     check = CHECKS.get(reason)
-    if check is not None and check.offending is not None:
-        for i, t in enumerate(report.micro_batches):
-            if check.offending(t):
-                return i
-    return 0
+    pick = check.offending if check is not None else None
+    if pick is None:
+        return report.rank, 0
+    mine = pick(report.local)
+    at = report.rank if mine else next((r for r, t in enumerate(report.per_rank) if pick(t)), report.rank)
+    if at == report.rank:
+        return at, next((i for i, t in enumerate(report.micro_batches) if pick(t)), 0)
+    if at < len(report.first_positive):
+        return at, _flagged_first(pick, report.first_positive[at])
+    return at, None
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str | None:
@@ -120,9 +142,12 @@ def write_evidence(
     ``"none"`` (or anything else) leaves them out.
     """
     path = evidence_path(output_dir, rank)
-    index = _offending_index(reason, report)
-    sample: dict[str, Any] = {"micro_batch_index": index}
-    if 0 <= index < len(rows):
+    at, index = offending(reason, report)
+    at_rank = report.global_rank(at)
+    sample: dict[str, Any] = {"rank": at_rank, "micro_batch_index": index}
+    if at != report.rank:  # its rows are on the rank that has them, in that rank's evidence file
+        sample["rows_in"] = os.path.basename(evidence_path(output_dir, at_rank))
+    elif index is not None and 0 <= index < len(rows):
         batch = rows[index]
         sample.update(batch)
         if decoded_text in ("local", "all") and tokenizer is not None and "input_ids" in batch:
@@ -138,6 +163,7 @@ def write_evidence(
         "world_size": report.world_size,
         "time": time.time(),
         "message": message,
+        "offending_rank": at_rank,
         "numbers": numbers,
         "step_total": report.total.as_dict(),
         "this_rank": report.local.as_dict(),

@@ -135,15 +135,27 @@ class StepReport:
     """
 
     step: int
-    rank: int
-    world_size: int
+    rank: int  # index of this rank in ``per_rank`` (its rank in the data-parallel group)
+    world_size: int  # ranks in ``per_rank`` (the data-parallel group)
     total: Totals  # all ranks
-    per_rank: tuple[Totals, ...]  # index = rank
+    per_rank: tuple[Totals, ...]  # index = rank in the data-parallel group
     micro_batches: tuple[Totals, ...]  # this rank's micro-batches, in order
+    #: the global rank of each ``per_rank`` entry (empty: the same as the index)
+    ranks: tuple[int, ...] = ()
+    #: per ``per_rank`` entry, per counter (FIELDS order): the index of that rank's first micro-batch of
+    #: the step where the counter is positive, -1 where none is (empty: not exchanged)
+    first_positive: tuple[tuple[int, ...], ...] = ()
+    #: this rank's data-parallel group repeats another's counts (tensor- / context-parallel peers hold the
+    #: same data): exporters that sum per-rank counts over all ranks should leave this rank's out
+    duplicate: bool = False
 
     @property
     def local(self) -> Totals:
         return self.per_rank[self.rank]
+
+    def global_rank(self, index: int) -> int:
+        """The global rank of ``per_rank[index]``."""
+        return self.ranks[index] if index < len(self.ranks) else index
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,26 @@ def test_nan_on_rank1_both_ranks_abort_same_step(tmp_path, fixtures_dir):
     ev0 = json.loads(Path(res[0]["evidence"]).read_text())
     assert ev0["step_total"]["non_finite_loss_batches"] == 1  # global: only rank 1's micro-batch
     assert ev0["this_rank"]["non_finite_loss_batches"] == 0
+    # both files name rank 1's micro-batch 0 as the one at fault; only rank 1's holds its rows
+    ev1 = json.loads(Path(res[1]["evidence"]).read_text())
+    for ev in (ev0, ev1):
+        assert ev["offending_rank"] == 1
+        assert ev["offending_micro_batch"]["rank"] == 1 and ev["offending_micro_batch"]["micro_batch_index"] == 0
+    assert "labels" not in ev0["offending_micro_batch"]
+    assert ev0["offending_micro_batch"]["rows_in"] == "abort-rank1.json"
+    assert len(ev1["offending_micro_batch"]["labels"]) == 1 and "rows_in" not in ev1["offending_micro_batch"]
+
+
+def test_rank_failing_to_close_step_stops_both_with_its_error(tmp_path, fixtures_dir):
+    code, res, elapsed = torchrun("fail_rank1", tmp_path, fixtures_dir)
+    assert code != 0
+    assert elapsed < 120, f"the job took {elapsed:.0f}s to exit: a rank hung"
+    for r in (0, 1):
+        assert res[r]["outcome"] == "rank_failure", res[r]
+        assert res[r]["step"] == 2 and res[r]["global_step"] == 1  # stopped before step 2's update
+        [(rank, error)] = res[r]["failures"]
+        assert rank == 1 and error.startswith("RuntimeError: stack expects each tensor to be equal size")
+        assert f"rank 1: {error}" in res[r]["message"]
 
 
 def test_all_masked_on_rank1_strict_both_abort(tmp_path, fixtures_dir):
@@ -68,3 +88,12 @@ def test_all_masked_on_rank1_default_counts_and_trains(tmp_path, fixtures_dir):
         assert res[r]["outcome"] == "completed" and res[r]["global_step"] == 4
         assert s["all_masked_batches"] == 1 and s["findings"]["all_masked_micro_batch"] == 1
         assert s["micro_batches"] == 8  # global: 4 steps x 2 ranks
+
+
+def test_ranks_with_different_settings_stop_together(tmp_path, fixtures_dir):
+    code, res, elapsed = torchrun("settings_rank1", tmp_path, fixtures_dir)
+    assert code != 0 and elapsed < 120
+    for r in (0, 1):
+        assert res[r]["outcome"] == "rank_failure", res[r]
+        assert res[r]["step"] == 1 and res[r]["global_step"] == 0
+        assert "the ranks run different monitor settings" in res[r]["message"]

@@ -110,3 +110,26 @@ def assert_params_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         if any(s in k for s in skip):
             continue
         assert torch.equal(a[k], b[k]), f"parameter {k} changed"
+
+
+def launch(cmd: list[str], timeout: float, env: dict[str, str] | None = None):
+    """Run ``cmd`` (e.g. torchrun) in its own session; past ``timeout`` kill the whole group (torchrun's
+    workers too) and fail the test: a hang. Returns ``(CompletedProcess, seconds)``."""
+    import signal
+    import subprocess
+    import time
+
+    import pytest
+
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env={**base, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[-3:])} hung for {timeout} s (killed):\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.monotonic() - t0
