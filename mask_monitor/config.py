@@ -88,6 +88,9 @@ _OTHER_SETTINGS: tuple[Setting, ...] = (
             "while the dataset was prepared"),
     Setting("eot_supervised_threshold", 1.0, "ratio",
             "eot_unsupervised fires when less than this share of assistant end-of-turn tokens is supervised"),
+    Setting("converged_loss_threshold", 0.1, "ratio",
+            "a loss of exactly 0 right after a step whose mean loss was at most this is convergence "
+            "(zero_loss_converged: a memorising model underflowing in fp32/bf16), not a broken loss (zero_loss)"),
     Setting("ignore_index", -100, "int", "the label value the loss ignores"),
     Setting("template_audit", True, "bool", "detect the chat template at train begin and audit roles per token"),
     Setting("evidence_rows", 2, "int",

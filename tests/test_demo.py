@@ -24,7 +24,8 @@ def test_demo_stops_the_dead_run_and_counts_the_healthy_one(tmp_path):
     # monitor stops there (step 0, before train()) with the real explanation and its evidence on disk
     assert "8 of 8 examples have every label = -100" in out
     assert "MaskMonitorAbort raised out of SFTTrainer(...) (reason='all_masked', step=0)" in out
-    assert "all 8 examples were dropped as fully masked when the dataset was prepared" in out
+    assert ("all 8 examples were dropped as fully masked (8 with no supervised label at all) when the dataset was "
+            "prepared") in out
     evidence = json.loads((tmp_path / "broken" / "mask_monitor" / "abort-rank0.json").read_text())
     assert evidence["reason"] == "all_masked" and evidence["step"] == 0
     assert evidence["step_total"]["dropped_sequences"] == 8 and evidence["step_total"]["sequences"] == 0

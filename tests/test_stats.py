@@ -33,13 +33,15 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
     B, L = len(labels), len(labels[0])
     out = dict.fromkeys(FIELDS, 0.0)
     out["micro_batches"] = 1
-    seqs = []  # (slots, supervised) per sequence
+    seqs = []  # (slots, supervised, holds a template marker) per sequence
     for b in range(B):
         cur = None
+        marked = _marked_by_position(roles[b], position_ids[b] if position_ids is not None else None) \
+            if roles is not None else [False] * L
         for j in range(L):
             starts = j == 0 or (position_ids is not None and position_ids[b][j] == 0)
             if starts:
-                cur = [0, 0]
+                cur = [0, 0, marked[j]]
                 seqs.append(cur)
             if shift_labels is not None:
                 tgt = shift_labels[b][j]
@@ -69,7 +71,7 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
             if roles is not None:
                 role = roles[b][j + 1] if j + 1 < L else 0
                 eot_first = role == ROLE_END_OF_TURN and not (j >= 1 and roles[b][j] == ROLE_END_OF_TURN)
-                if sup:
+                if sup and marked[j]:  # rows / documents without any marker are not audited for leakage
                     out["audited_supervised_tokens"] += 1
                     if role == ROLE_ASSISTANT_HEADER:
                         out["supervised_header_tokens"] += 1
@@ -88,10 +90,24 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
     out["sequences"] = len(live)
     out["fully_masked_sequences"] = sum(1 for s in live if s[1] == 0)
     out["unmasked_sequences"] = sum(1 for s in live if s[1] == s[0])
+    if roles is not None:
+        out["untemplated_sequences"] = sum(1 for s in live if not s[2])
     out["all_masked_batches"] = float(out["supervised_tokens"] == 0)
     out["unmasked_batches"] = float(out["masked_tokens"] == 0 and out["target_tokens"] > 0)
     out["max_masked_ratio"] = out["masked_tokens"] / out["target_tokens"] if out["target_tokens"] else 0.0
     return out
+
+
+def _marked_by_position(roles_row, pos_row=None):
+    """Per position: does its row (or packed document) hold any template marker (a role other than 0)?"""
+    L = len(roles_row)
+    docs, cur = [], -1
+    for j in range(L):
+        if j == 0 or (pos_row is not None and pos_row[j] == 0):
+            cur += 1
+        docs.append(cur)
+    has = {d for d, r in zip(docs, roles_row, strict=True) if r != 0}
+    return [d in has for d in docs]
 
 
 def check(labels, **kw):
@@ -229,12 +245,14 @@ def test_shifted_and_unshifted_forms_of_one_batch_count_the_same():
 def _statuses_by_hand(labels, attention=None, position_ids=None, roles=None):
     """Per input token, in words: the slot rules spelled out one token at a time."""
     out = ["none"]
+    marked = _marked_by_position(roles, position_ids) if roles is not None else None
     for j in range(1, len(labels)):
         real = attention is None or attention[j] == 1
         crosses = position_ids is not None and position_ids[j] == 0
         sup = labels[j] != IGN
-        if sup and roles is not None and roles[j] not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN,
-                                                          ROLE_ASSISTANT_HEADER):
+        # token j is the target of slot j - 1, which belongs to the document of position j - 1
+        if sup and roles is not None and marked[j - 1] and roles[j] not in (
+                ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_ASSISTANT_HEADER):
             out.append("leakage")
         elif sup:
             out.append("supervised")
