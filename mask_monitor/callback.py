@@ -298,6 +298,8 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             return
         self._trainer = weakref.ref(trainer)
         self._output_dir = getattr(args, "output_dir", None)
+        # this trainer's dataset only (a callback passed to a second trainer forgets the first one's drops)
+        self._dataset, self._dropped_reasons, self._dataset_details = Totals(), {}, {}
         try:
             info = dropped_rows(getattr(trainer, "train_dataset", None), max_length=getattr(args, "max_length", None),
                                 ignore_index=self.config.ignore_index, keep=max(self.config.evidence_rows, 1))

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -192,16 +193,10 @@ def warn_unknown_environment(env: Mapping[str, str] | None = None) -> list[str]:
         if k in _warned_env:
             continue
         _warned_env.add(k)
-        close = [n for n in ENVIRONMENT if _similar(k, n)]
+        close = difflib.get_close_matches(k, ENVIRONMENT, n=1, cutoff=0.85)
         hint = f" (did you mean {close[0]}?)" if close else ""
         logger.warning("mask-monitor: ignoring unknown environment variable %s%s", k, hint)
     return unknown
-
-
-def _similar(a: str, b: str) -> bool:
-    import difflib
-
-    return difflib.SequenceMatcher(None, a, b).ratio() > 0.85
 
 
 class MonitorConfig:

@@ -9,6 +9,7 @@ Scenarios (tiny random Llama, the real TinyLlama tokenizer, TRL's SFTTrainer unl
   plain         plain-text prompt/completion data (no chat render) with prompt_leakage="abort": trains
   unreadable    plain Trainer, a model whose labels travel under another name: masking not auditable
 Exit code: 0 trained to the end, 3 MaskMonitorAbort (its reason and step on stdout).
+USER_VIEW_BASICCONFIG=1: the application calls ``logging.basicConfig()`` first (records must not double).
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ class OwnLabels(torch.nn.Module):
 
 
 def main(scenario: str, tok_dir: str, out: str) -> int:
+    import logging
+    import os
+
     import trl
+
+    if os.environ.get("USER_VIEW_BASICCONFIG") == "1":
+        logging.basicConfig()
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.pad_token = tok.pad_token or tok.unk_token
