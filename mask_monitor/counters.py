@@ -113,7 +113,7 @@ _DECLARED: tuple[Counter, ...] = (
        template=True),
     _c("untemplated_sequences", "sequences",
        "Sequences (rows or packed documents) in which no chat-template marker occurs (plain text, pre-packed "
-       "ids): not a chat render, so not audited for prompt leakage.", template=True),
+       "ids): not a chat render, so not audited for prompt leakage.", template=True, prometheus=False),
     _c("prompt_leakage_tokens", "tokens",
        "Supervised targets that are prompt tokens (system, user, other text): the model learns prompts.",
        template=True, per_sequence=True),
