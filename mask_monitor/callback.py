@@ -170,7 +170,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             if int(d.get("micro_batches") or 0):
                 why = ("turned off (template=None)" if self.template_setting is None else
                        "turned off (template_audit=False)" if not self.config.template_audit else
-                       "no chat template known for this tokenizer")
+                       "no usable chat template for this tokenizer")
                 out["prompt_leakage"] = f"not audited: {why}"
         elif untemplated and not d.get("audited_supervised_tokens"):
             out["prompt_leakage"] = (

@@ -15,6 +15,7 @@ from mask_monitor.stats import (
     ROLE_ASSISTANT_CONTENT,
     ROLE_ASSISTANT_HEADER,
     ROLE_END_OF_TURN,
+    ROLE_OTHER,
     ROLE_USER,
     SEQUENCE_FIELDS,
     SLOT_STATUSES,
@@ -366,3 +367,49 @@ def test_abort_pickles_with_its_fields():
     assert (back.reason, back.step, back.rank, back.evidence_path) == ("zero_loss", 7, 1, "/x.json")
     assert str(back) == str(err) and "12 target tokens are supervised" in str(err)
     assert not math.isnan(back.numbers["supervised_tokens"])
+
+
+# ---------------------------------------------------------------------------- loss vectors, element by element
+LOSS_CASES = [  # (loss, zero_loss_batches, non_finite_loss_batches, loss_sum); row 0 of LOSS_LABELS has no target
+    (0.0, 1, 0, 0.0),  # a scalar 0 with supervised targets
+    ([0.0, 1.0, float("nan"), 2.0], 0, 1, 0.0),  # per row: a NaN in row 2 is seen
+    ([0.0, 1.0, 1.0, 2.0], 0, 0, 1.0),  # per row: the fully masked row's 0 is no finding
+    ([0.0, 0.0, 0.0, 0.0], 1, 0, 0.0),  # per row: every supervised row exactly 0
+    ([0.0, 0.0, 1.0, 1.0], 0, 0, 0.5),  # per row: one supervised row at 0, the others not: not a zero loss
+    ([0.0, 0.0], 1, 0, 0.0),  # another length (per device): zero only if every element is 0
+    ([0.0, 3.0], 0, 0, 1.5),
+    ([float("inf"), 3.0], 0, 1, 0.0),
+]
+LOSS_LABELS = [[IGN] * 4, [IGN, IGN, 5, 6], [IGN, 7, 8, 9], [IGN, IGN, IGN, 4]]
+
+
+@pytest.mark.parametrize("loss,zero,non_finite,loss_sum", LOSS_CASES)
+def test_loss_vectors_are_checked_element_by_element(loss, zero, non_finite, loss_sum):
+    got = as_dict(batch_stats(torch.tensor(LOSS_LABELS), loss=torch.tensor(loss)))
+    assert (got["zero_loss_batches"], got["non_finite_loss_batches"]) == (zero, non_finite)
+    assert (got["loss_batches"], got["loss_sum"]) == (1, loss_sum)
+
+
+def test_unread_labels_loss_vector():
+    got = as_dict(batch_stats(None, loss=torch.tensor([0.0, 0.0])))
+    assert (got["unaudited_batches"], got["micro_batches"], got["zero_loss_batches"]) == (1, 0, 1)
+    got = as_dict(batch_stats(None, loss=torch.tensor([1.0, float("nan")])))
+    assert (got["non_finite_loss_batches"], got["zero_loss_batches"]) == (1, 0)
+
+
+def test_rows_without_template_markers_are_not_audited_for_leakage():
+    # row 0: plain text (no marker, every target supervised); row 1: user turn then assistant content
+    labels = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    roles = torch.tensor([[ROLE_OTHER] * 6, [ROLE_USER, ROLE_USER, ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT,
+                                             ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN]])
+    got = as_dict(batch_stats(labels, roles=roles))
+    assert got["untemplated_sequences"] == 1 and got["sequences"] == 2
+    assert got["audited_supervised_tokens"] == 5  # row 1's 5 targets only
+    assert got["prompt_leakage_tokens"] == 1 and got["supervised_header_tokens"] == 1  # targets 1 (user), 2 (header)
+    assert [SLOT_STATUSES[c] for c in slot_status(labels, roles=roles)[0].tolist()] == ["none"] + ["supervised"] * 5
+    table = sequence_stats(labels, roles=roles)
+    assert table["prompt_leakage_tokens"].tolist() == [0, 1]
+    # nothing in the batch carries a marker: leakage is not audited at all (no ratio), never 100%
+    plain = as_dict(batch_stats(labels, roles=torch.zeros_like(roles)))
+    assert (plain["untemplated_sequences"], plain["audited_supervised_tokens"], plain["prompt_leakage_tokens"]) == (
+        2, 0, 0)
