@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import logging
 from ._version import __version__
 from .auditor import MaskAuditor
 from .checks import CHECKS, Check, Finding
@@ -66,6 +67,7 @@ __all__ = [
     "WindowReport",
     "batch_stats",
     "first_abort",
+    "logging",
     # lazy (see _LAZY)
     "MaskMonitorCallback",
     "Sink",

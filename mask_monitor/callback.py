@@ -147,6 +147,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self._active = False
         self._warned: set[str] = set()
         self._unread: dict[str, int] = {}  # field (and why) -> micro-batches audited without it
+        self._noted: set[str] = set()  # run notes said once (prompt leakage not audited)
         self._dataset = Totals()  # what the dataset preparation dropped (added to each train()'s totals)
         self._dataset_details: dict[str, Any] = {}
         self._dropped_reasons: dict[str, int] = {}
@@ -154,7 +155,12 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ public
     def summary(self) -> dict[str, Any]:
-        """Run totals so far over all ranks: counts, ratios, findings, abort reason."""
+        """Run totals so far over all ranks: counts, ratios, findings, abort reason, and what was not audited.
+
+        ``not_audited`` says in words what the monitor could not see (empty when it saw everything):
+        ``"masking"`` (micro-batches whose labels could not be read: only their loss was checked),
+        ``"prompt_leakage"`` (no chat template, or its markers occur in none / not all of the sequences).
+        """
         d = self.auditor.summary()
         d["aborted"] = self.aborted
         d["evidence_path"] = self.evidence_path
@@ -164,7 +170,33 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         d["unread_fields"] = dict(self._unread)
         if self._dropped_reasons:
             d["dropped_reasons"] = dict(self._dropped_reasons)
+        d["not_audited"] = self._not_audited(d)
         return d
+
+    def _not_audited(self, d: dict[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        n = int(d.get("unaudited_batches") or 0)
+        if n:
+            seen = n + int(d.get("micro_batches") or 0)
+            out["masking"] = (f"{n} of {seen} micro-batches NOT audited: their labels could not be read "
+                              "(only their loss was checked)")
+        family = getattr(self.template, "family", None)
+        untemplated = int(d.get("untemplated_sequences") or 0)
+        if self.auditor.role_tagger is None:
+            if int(d.get("micro_batches") or 0):
+                why = ("turned off (template=None)" if self.template_setting is None else
+                       "turned off (template_audit=False)" if not self.config.template_audit else
+                       "no usable chat template for this tokenizer")
+                out["prompt_leakage"] = f"not audited: {why}"
+        elif untemplated and not d.get("audited_supervised_tokens"):
+            out["prompt_leakage"] = (
+                f"not audited: the {family} chat template's markers occur in none of the {untemplated} sequences "
+                "(plain text or pre-packed ids, not a chat render)")
+        elif untemplated:
+            out["prompt_leakage"] = (
+                f"not audited in {untemplated} of {int(d.get('sequences') or 0)} sequences: the {family} chat "
+                "template's markers do not occur in them")
+        return out
 
     def state(self) -> dict[str, Any]:
         """Saved by the Trainer in each checkpoint's ``trainer_state.json`` (``stateful_callbacks``).
@@ -185,6 +217,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             "attributes": {
                 "resume_state": {
                     "auditor": self.auditor.state_dict(),
+                    "policy": self.policy.state_dict(),
                     "findings": dict(self.findings),
                     "first_step": dict(self.first_step),
                 }
@@ -199,6 +232,8 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         if not resume or state.global_step <= 0:
             return
         self.auditor.load_state_dict(resume["auditor"])
+        if "policy" in resume:
+            self.policy.load_state_dict(resume["policy"])
         self.findings = dict(resume.get("findings", {}))
         self.first_step = dict(resume.get("first_step", {}))
         logger.info("mask-monitor: resumed run totals at step %d", self.auditor.last_step)
@@ -290,6 +325,8 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             return
         self._trainer = weakref.ref(trainer)
         self._output_dir = getattr(args, "output_dir", None)
+        # this trainer's dataset only (a callback passed to a second trainer forgets the first one's drops)
+        self._dataset, self._dropped_reasons, self._dataset_details = Totals(), {}, {}
         try:
             info = dropped_rows(getattr(trainer, "train_dataset", None), max_length=getattr(args, "max_length", None),
                                 ignore_index=self.config.ignore_index, keep=max(self.config.evidence_rows, 1))
@@ -300,7 +337,10 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             return
         self._dataset = Totals(dropped_sequences=info.dropped)
         self._dropped_reasons = dict(info.reasons)
-        self._dataset_details = {"reasons": ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info.reasons.items())}
+        self.auditor.reset()  # summary() tells the drop from now on (each train() starts from it again)
+        self.auditor.add_totals(self._dataset)
+        why = ", ".join(f"{v} {_DROP_REASONS.get(k, k)}" for k, v in info.reasons.items())
+        self._dataset_details = {"reasons": why}
         if info.kept == 0:
             totals, only = Totals(dropped_sequences=info.dropped), ("all_masked",)
         else:
@@ -405,6 +445,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self.findings, self.first_step = {}, {}
         self.aborted, self.evidence_path, self.last_report = None, None, None
         self._unread = {}
+        self._noted = set()
         self._pending_step, self._seen_unsynced = None, False
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -452,7 +493,8 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         for note in mb.unread:
             self._unread[note] = self._unread.get(note, 0) + 1
             self._warn_once(f"unread:{note.split(':')[0]}",
-                            "mask-monitor: cannot read %s; auditing this batch without it (training goes on)", note)
+                            "mask-monitor: cannot read %s; audited without it, from the labels (what it marks, e.g. "
+                            "padding, is not excluded from the counts; training goes on)", note)
         labels = mb.labels if mb.labels is not None else mb.shift_labels
         if labels is None:
             self._warn_once("labels", "mask-monitor: a training micro-batch reached the loss without labels the "
@@ -503,6 +545,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
                             type(exc).__name__, exc)
             return
         self.last_report = report
+        self._note_leakage_audit(report)
         findings = self.policy.evaluate(report)
         for f in findings:
             self.findings[f.check] = self.findings.get(f.check, 0) + 1
@@ -511,6 +554,25 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         abort = first_abort(findings)
         if abort is not None:
             self._abort(abort, report)
+
+    def _note_leakage_audit(self, report: StepReport) -> None:
+        """Say once per run when the template's markers are missing from what is trained on (plain text,
+        pre-packed ids): those sequences are not audited for prompt leakage, never read as 100% prompt."""
+        t = report.total
+        if self.auditor.role_tagger is None or t.untemplated_sequences <= 0 or "leakage" in self._noted:
+            return
+        self._noted.add("leakage")
+        if not self.info.is_main_process:
+            return
+        family = getattr(self.template, "family", None)
+        if t.audited_supervised_tokens <= 0:
+            logger.info("mask-monitor: prompt leakage NOT audited: the %s chat template's markers occur in none of "
+                        "the %d sequences of step %d (plain text or pre-packed ids, not a chat render); the "
+                        "masking audit is on", family, t.untemplated_sequences, report.step)
+        else:
+            logger.info("mask-monitor: %d of %d sequences in step %d carry none of the %s chat template's markers; "
+                        "they are not audited for prompt leakage", t.untemplated_sequences, t.sequences,
+                        report.step, family)
 
     def _abort(self, finding: Finding, report: StepReport) -> None:
         rank = self.info.rank
@@ -545,6 +607,12 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self._remove_capture()
         self.sinks.call("on_train_end", self.summary())
         self.sinks.call("close")
+
+
+_DROP_REASONS = {
+    "no_response": "with no supervised label at all",
+    "truncated_away": "whose supervised labels max_length cut off",
+}
 
 
 def _accumulation(trainer: Any) -> int:

@@ -73,7 +73,7 @@ def read_batch(inputs: Mapping[str, Any], *, encoder_decoder: bool = False) -> M
         >>> mb = read_batch({"labels": torch.zeros(2, 5, dtype=torch.long),
         ...                  "attention_mask": torch.ones(2, 1, 5, 5)})
         >>> mb.attention_mask is None, mb.unread
-        (True, ['attention_mask: shape (2, 1, 5, 5), labels (2, 5)'])
+        (True, ['attention_mask: a 4-D tensor, not (batch, seq) like the labels'])
     """
     mb = MicroBatch(causal=not encoder_decoder)
     found: dict[str, torch.Tensor | None] = {}
@@ -83,7 +83,7 @@ def read_batch(inputs: Mapping[str, Any], *, encoder_decoder: bool = False) -> M
         if raw is not None and t is None:
             mb.unread.append(f"{name}: a {type(raw).__name__}, not a tensor")
         elif t is not None and (t.dim() not in (1, 2) or t.is_floating_point() or t.is_complex()):
-            mb.unread.append(f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}")
+            mb.unread.append(f"{name}: a {t.dim()}-D {t.dtype} tensor, not (batch, seq) integer labels")
             t = None
         found[name] = t
     labels, shift = found["labels"], found["shift_labels"]
@@ -99,7 +99,10 @@ def read_batch(inputs: Mapping[str, Any], *, encoder_decoder: bool = False) -> M
         t2 = t.unsqueeze(0) if t.dim() == 1 else t
         if t2.dim() == 2 and tuple(t2.shape) == tuple(shape):
             return t
-        mb.unread.append(f"{name}: shape {tuple(t.shape)}, labels {tuple(shape)}")
+        # the reason is the same for every batch (no shapes): the summary counts each field once
+        why = ("another shape than the labels" if t2.dim() == 2 else
+               f"a {t2.dim()}-D tensor, not (batch, seq) like the labels")
+        mb.unread.append(f"{name}: {why}")
         return None
 
     if encoder_decoder:

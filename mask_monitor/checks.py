@@ -42,6 +42,7 @@ __all__ = [
     "Finding",
     "explain",
     "format_numbers",
+    "HISTORY",
 ]
 
 Action = Literal["abort", "warn", "off"]
@@ -162,9 +163,10 @@ def _all_masked(t: Totals, ctx: RuleContext) -> Numbers | None:
 def _all_masked_seen(n: Mapping[str, Any]) -> str:
     if not n.get("sequences") and n.get("dropped_sequences"):
         return format_numbers(
-            "no example reaches training: all {dropped_sequences} examples were dropped as fully masked when "
-            "the dataset was prepared (TRL removes examples whose labels are all -100 after truncation when "
-            "max_length is set), so training would learn nothing (with TRL's defaults train() then fails in "
+            "no example reaches training: all {dropped_sequences} examples were dropped as fully masked"
+            + (" ({reasons})" if n.get("reasons") else "")
+            + " when the dataset was prepared (TRL removes examples whose labels are all -100 after truncation "
+            "when max_length is set), so training would learn nothing (with TRL's defaults train() then fails in "
             "the sampler with 'num_samples=0').", n)
     if n.get("scope") == "dataset":
         return format_numbers(
@@ -181,8 +183,43 @@ def _all_masked_micro_batch(t: Totals, ctx: RuleContext) -> Numbers | None:
     return {} if t.supervised_tokens > 0 and t.all_masked_batches > 0 else None
 
 
+#: Steps of history a rule may look back on (``RuleContext.previous``); the Policy keeps this many.
+HISTORY = 8
+
+
+def _zero_loss_history(ctx: RuleContext) -> Numbers:
+    """How the loss came to be exactly 0: ``converged`` (the last step with a non-zero loss was already at or
+    below ``converged_loss_threshold``: a memorising model whose loss underflowed in fp32/bf16; or the loss
+    has been exactly 0 for longer than the history, a plateau judged when it began) or not (0 from the first
+    step audited, or a jump from a normal value straight to 0: a broken loss)."""
+    threshold = ctx.setting("converged_loss_threshold")
+    previous = ctx.previous
+    for back, p in enumerate(reversed(previous), start=1):
+        mean = p.mean_loss
+        if p.loss_batches <= 0 or p.non_finite_loss_batches > 0 or mean is None or mean == 0:
+            continue
+        how = (f"straight after a mean loss of {mean:.3g} in step {ctx.step - back}" if mean > threshold else
+               f"after a mean loss of {mean:.3g} in step {ctx.step - back}")
+        return {"converged": mean <= threshold, "previous_loss": mean, "how": how,
+                "converged_threshold": threshold}
+    plateau = len(previous) >= HISTORY and any(p.loss_batches > 0 for p in previous)
+    how = (f"exactly 0 in each of the last {len(previous)} steps" if plateau else
+           "from the first step audited" if not previous else "in every step audited so far")
+    return {"converged": plateau, "previous_loss": None, "how": how, "converged_threshold": threshold}
+
+
 def _zero_loss(t: Totals, ctx: RuleContext) -> Numbers | None:
-    return {} if t.zero_loss_batches > 0 else None
+    if t.zero_loss_batches <= 0:
+        return None
+    h = _zero_loss_history(ctx)
+    return None if h["converged"] else h
+
+
+def _zero_loss_converged(t: Totals, ctx: RuleContext) -> Numbers | None:
+    if t.zero_loss_batches <= 0:
+        return None
+    h = _zero_loss_history(ctx)
+    return h if h["converged"] else None
 
 
 def _non_finite_loss(t: Totals, ctx: RuleContext) -> Numbers | None:
@@ -315,10 +352,13 @@ _DECLARED: tuple[Check, ...] = (
     Check(
         "zero_loss",
         "abort",
-        "a micro-batch or step with supervised targets whose loss is exactly 0",
-        "the loss is exactly 0.0 in optimizer step {step} although {supervised_tokens} target tokens are "
-        "supervised ({zero_loss_batches} micro-batch(es) with loss 0). A language model never reaches an "
-        "exact zero on real targets; a broken loss or label pipeline does.",
+        "a loss of exactly 0 on supervised targets that did not converge there (0 from the start, or a jump)",
+        lambda n: format_numbers(
+            "the loss is exactly 0.0 in optimizer step {step} ({how}) although {supervised_tokens} target tokens "
+            "are supervised ({zero_loss_batches} micro-batch(es) with loss 0). This is a broken loss, not "
+            "convergence: a loss that converges gets tiny first (at most {converged_threshold}, "
+            "converged_loss_threshold) before it underflows to 0.",
+            {"how": "without a tiny loss before it", "converged_threshold": "converged_loss_threshold", **n}),
         _zero_loss,
         causes=(
             "a custom compute_loss / loss function that returns 0 for these labels, or clamps an empty "
@@ -329,6 +369,26 @@ _DECLARED: tuple[Check, ...] = (
         to_check=(
             "compute the loss of one batch by hand and compare with the trainer's",
             "check ignore_index and the dtype of labels",
+        ),
+        scopes=frozenset({"step"}),
+        offending=lambda t: t.zero_loss_batches > 0,
+    ),
+    Check(
+        "zero_loss_converged",
+        "warn",
+        "a loss that converged and underflowed to exactly 0 (a memorising model): convergence, not a fault",
+        lambda n: format_numbers(
+            "the loss reached exactly 0.0 in optimizer step {step} ({how}): the model has memorised these "
+            "targets and the loss underflowed to 0 in floating point. This is convergence, not a broken loss; "
+            "but the gradient of these micro-batches is now 0, so further steps on them learn nothing.",
+            {"how": "after a tiny loss", **n}),
+        _zero_loss_converged,
+        causes=(
+            "many epochs over a small or repeated dataset, or a high learning rate: the model memorises it",
+        ),
+        to_check=(
+            "compare the evaluation loss: a training loss of 0 with a rising evaluation loss is overfitting",
+            "stop earlier (fewer epochs, max_steps, early stopping) or add data",
         ),
         scopes=frozenset({"step"}),
         offending=lambda t: t.zero_loss_batches > 0,

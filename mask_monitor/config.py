@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -88,6 +89,9 @@ _OTHER_SETTINGS: tuple[Setting, ...] = (
             "while the dataset was prepared"),
     Setting("eot_supervised_threshold", 1.0, "ratio",
             "eot_unsupervised fires when less than this share of assistant end-of-turn tokens is supervised"),
+    Setting("converged_loss_threshold", 0.1, "ratio",
+            "a loss of exactly 0 right after a step whose mean loss was at most this is convergence "
+            "(zero_loss_converged: a memorising model underflowing in fp32/bf16), not a broken loss (zero_loss)"),
     Setting("ignore_index", -100, "int", "the label value the loss ignores"),
     Setting("template_audit", True, "bool", "detect the chat template at train begin and audit roles per token"),
     Setting("evidence_rows", 2, "int",
@@ -189,16 +193,10 @@ def warn_unknown_environment(env: Mapping[str, str] | None = None) -> list[str]:
         if k in _warned_env:
             continue
         _warned_env.add(k)
-        close = [n for n in ENVIRONMENT if _similar(k, n)]
+        close = difflib.get_close_matches(k, ENVIRONMENT, n=1, cutoff=0.85)
         hint = f" (did you mean {close[0]}?)" if close else ""
         logger.warning("mask-monitor: ignoring unknown environment variable %s%s", k, hint)
     return unknown
-
-
-def _similar(a: str, b: str) -> bool:
-    import difflib
-
-    return difflib.SequenceMatcher(None, a, b).ratio() > 0.85
 
 
 class MonitorConfig:

@@ -109,8 +109,11 @@ _DECLARED: tuple[Counter, ...] = (
     _c("zero_loss_batches", "micro-batches", "Micro-batches with supervised targets whose loss is exactly 0."),
     _c("non_finite_loss_batches", "micro-batches", "Micro-batches whose loss is NaN or infinite."),
     _c("audited_supervised_tokens", "tokens",
-       "Supervised targets in batches whose chat template was recognised (denominator of prompt leakage).",
+       "Supervised targets in sequences where the chat template's markers occur (denominator of prompt leakage).",
        template=True),
+    _c("untemplated_sequences", "sequences",
+       "Sequences (rows or packed documents) in which no chat-template marker occurs (plain text, pre-packed "
+       "ids): not a chat render, so not audited for prompt leakage.", template=True, prometheus=False),
     _c("prompt_leakage_tokens", "tokens",
        "Supervised targets that are prompt tokens (system, user, other text): the model learns prompts.",
        template=True, per_sequence=True),

@@ -14,14 +14,11 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .checks import CHECKS, Check, Finding, RuleContext, Scope, explain
+from .checks import CHECKS, HISTORY, Check, Finding, RuleContext, Scope, explain
 from .config import MonitorConfig
 from .reports import StepReport, Totals
 
-__all__ = ["Policy", "first_abort"]
-
-#: Steps of history a rule may look back on (``RuleContext.previous``).
-HISTORY = 8
+__all__ = ["Policy", "first_abort", "HISTORY"]
 
 
 class Policy:
@@ -51,6 +48,15 @@ class Policy:
         self._window.clear()
         self._history.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The bounded history (for a resumed run: a loss that had converged to 0 stays converged)."""
+        return {"window": [t.values() for t in self._window], "history": [t.values() for t in self._history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reset()
+        self._window.extend(Totals.from_values(v) for v in state.get("window", ()))
+        self._history.extend(Totals.from_values(v) for v in state.get("history", ()))
+
     def evaluate(
         self,
         report: StepReport | Totals,
@@ -70,7 +76,8 @@ class Policy:
             totals, scope, step, world = report.total, scope or "step", report.step, report.world_size
         else:
             totals, scope, step, world = report, scope or "dataset", step or 0, 1
-        if totals.micro_batches == 0 and totals.sequences == 0 and totals.dropped_sequences == 0:
+        if (totals.micro_batches == 0 and totals.unaudited_batches == 0 and totals.sequences == 0
+                and totals.dropped_sequences == 0):
             return []
         if scope == "step":
             self._window.append(totals)

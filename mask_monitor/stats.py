@@ -194,9 +194,12 @@ def batch_stats(
         attention_mask: optional ``(batch, seq)`` mask; 0 marks padding.
         position_ids: optional ``(batch, seq)``; a 0 after the first column starts a packed document.
         shift_labels: optional ``(batch, seq)`` already shifted targets; they replace ``labels``.
-        loss: the micro-batch's loss (a scalar tensor), when the forward produced one.
+        loss: the micro-batch's loss, when there is one: a scalar, a per-row vector (checked row by row)
+            or any other vector (checked element by element); see :func:`_loss_cols`.
         roles: optional ``(batch, seq)`` role codes (``ROLE_*``) of each *input* position, from a
-            template tagger; enables the prompt-leakage, response-coverage and end-of-turn counts.
+            template tagger; enables the prompt-leakage, response-coverage and end-of-turn counts. Rows
+            (packed documents) with no template marker at all are not a chat render: they are counted as
+            ``untemplated_sequences`` and their targets are not audited for prompt leakage.
         ignore_index: the label value the loss ignores.
         causal: ``False`` for encoder-decoder models: ``labels`` are decoder targets, not shifted, and
             ``attention_mask`` is the decoder's; "no masking" is then the norm (the prompt is the
@@ -214,6 +217,7 @@ def batch_stats(
     b, width = supervised.shape
 
     seq_sup = torch.count_nonzero(supervised, dim=1)  # count_nonzero: no int64 copy of the bool mask
+    row_sup = seq_sup  # per row, kept for a per-row loss vector (packing below re-splits seq_sup)
     n_sup = seq_sup.sum()
     if valid is None:  # no padding, no packing: every slot is valid and nothing more needs reading
         slots = None
@@ -254,17 +258,20 @@ def batch_stats(
         cols["unmasked_sequences"] = n_unmasked_seq.to(dtype)
         cols["unmasked_batches"] = ((n_masked == 0) & (n_slots > 0)).to(dtype)
     if loss is not None:
-        loss_t = torch.as_tensor(loss, device=device).detach().to(dtype).reshape(-1)[:1].sum()
-        finite = torch.isfinite(loss_t)
-        cols["loss_batches"] = one
-        cols["loss_sum"] = torch.where(finite, loss_t, zero)
-        cols["zero_loss_batches"] = (finite & (loss_t == 0) & (n_sup > 0)).to(dtype)
-        cols["non_finite_loss_batches"] = (~finite).to(dtype)
+        cols.update(_loss_cols(loss, row_sup, device, dtype))
     if view.role_t is not None:
         content, eot_first, header, answer = _role_masks(view.role_t)
         in_slot = slots if slots is not None else True
-        cols["audited_supervised_tokens"] = n_sup.to(dtype)
-        cols["prompt_leakage_tokens"] = torch.count_nonzero(supervised & ~answer).to(dtype)
+        # rows / packed documents without any template marker are not a chat render: not audited for leakage
+        marked = _template_marked(roles, position_ids, width)
+        audited = supervised & marked
+        if starts is None:
+            seq_marked = marked[:, 0]
+        else:
+            seq_marked = _per_segment(seg, marked.expand(b, width)) > 0
+        cols["untemplated_sequences"] = torch.count_nonzero(has_slots & ~seq_marked).to(dtype)
+        cols["audited_supervised_tokens"] = torch.count_nonzero(audited).to(dtype)
+        cols["prompt_leakage_tokens"] = torch.count_nonzero(audited & ~answer).to(dtype)
         cols["supervised_header_tokens"] = torch.count_nonzero(supervised & header).to(dtype)
         cols["assistant_content_tokens"] = torch.count_nonzero(content & in_slot).to(dtype)
         cols["supervised_assistant_content_tokens"] = torch.count_nonzero(content & supervised).to(dtype)
@@ -280,13 +287,56 @@ def _loss_only(loss: torch.Tensor | float | None) -> torch.Tensor:
     zero = torch.zeros((), dtype=dtype, device=device)
     cols = {"unaudited_batches": torch.ones((), dtype=dtype, device=device)}
     if loss is not None:
-        loss_t = torch.as_tensor(loss, device=device).detach().to(dtype).reshape(-1)[:1].sum()
-        finite = torch.isfinite(loss_t)
-        cols["loss_batches"] = torch.ones((), dtype=dtype, device=device)
-        cols["loss_sum"] = torch.where(finite, loss_t, zero)
-        cols["zero_loss_batches"] = (finite & (loss_t == 0)).to(dtype)
-        cols["non_finite_loss_batches"] = (~finite).to(dtype)
+        cols.update(_loss_cols(loss, None, device, dtype))
     return torch.stack([cols.get(f, zero) for f in FIELDS])
+
+
+def _loss_cols(
+    loss: torch.Tensor | float, row_sup: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The loss columns of one micro-batch, element by element when the loss is a vector.
+
+    A scalar is the micro-batch's loss. A vector as long as the batch has rows is a per-row loss, aligned
+    with ``row_sup`` (supervised targets per row): it is zero only when every row with supervised targets
+    has a loss of exactly 0 (a fully masked row's 0 is no finding). A vector of another length (one loss
+    per device, per token...) is zero only when every element is 0 and the batch has supervised targets.
+    Any non-finite element makes the micro-batch non-finite. ``row_sup=None``: labels unread (nothing says
+    the batch had no target). The loss summed for the mean is the mean of the elements (0 if any is
+    non-finite). Shapes only are read on the host: no synchronisation.
+    """
+    loss_t = torch.as_tensor(loss, device=device).detach().to(dtype).reshape(-1)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    if loss_t.numel() == 0:
+        return {}
+    finite = torch.isfinite(loss_t).all()
+    is_zero = loss_t == 0
+    if row_sup is None:
+        zero_loss = is_zero.all()
+    elif loss_t.numel() == row_sup.numel() and loss_t.numel() > 1:
+        has = row_sup > 0
+        zero_loss = has.any() & (is_zero | ~has).all()
+    else:
+        zero_loss = is_zero.all() & (row_sup.sum() > 0)
+    return {
+        "loss_batches": torch.ones((), dtype=dtype, device=device),
+        "loss_sum": torch.where(finite, loss_t.mean(), zero),
+        "zero_loss_batches": (finite & zero_loss).to(dtype),
+        "non_finite_loss_batches": (~finite).to(dtype),
+    }
+
+
+def _template_marked(roles: torch.Tensor, position_ids: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Which slots lie in a row (or packed document) that holds a chat-template marker at all (a role other
+    than ``ROLE_OTHER``): ``(b, 1)`` per row, ``(b, width)`` per slot for packed batches. Plain text or
+    pre-packed ids under a chat-template tokenizer carry no marker: not a chat render, not audited for
+    prompt leakage (never read as 100% prompt)."""
+    roles = _as_2d("roles", roles)
+    has = roles != ROLE_OTHER
+    if position_ids is None:
+        return has.any(dim=1, keepdim=True)
+    seg = _segment_ids(_as_2d("position_ids", position_ids, roles.shape) == 0)
+    per_doc = _per_segment(seg, has) > 0
+    return per_doc[seg].reshape(roles.shape)[:, :width]
 
 
 def _segment_ids(starts: torch.Tensor) -> torch.Tensor:
@@ -367,7 +417,8 @@ def sequence_stats(
     if view.role_t is not None:
         role_t = view.role_t if width == length else F.pad(view.role_t, (0, 1), value=ROLE_OTHER)
         content, eot_first, header, answer = _role_masks(role_t)
-        table["prompt_leakage_tokens"] = per_seg(supervised & ~answer)
+        marked = _template_marked(roles, position_ids, supervised.shape[1])
+        table["prompt_leakage_tokens"] = per_seg(supervised & marked & ~answer)
         table["supervised_header_tokens"] = per_seg(supervised & header)
         table["assistant_content_tokens"] = per_seg(content & slots)
         table["supervised_assistant_content_tokens"] = per_seg(content & supervised)
@@ -414,7 +465,8 @@ def slot_status(
     code[supervised] = SLOT_STATUSES.index("supervised")
     if view.role_t is not None:
         answer = _role_masks(view.role_t)[3]
-        code[supervised & ~answer] = SLOT_STATUSES.index("leakage")
+        marked = _template_marked(roles, position_ids, supervised.shape[1])
+        code[supervised & marked & ~answer] = SLOT_STATUSES.index("leakage")
     n_rows = supervised.shape[0]
     out = torch.full((n_rows, view.seq_len), SLOT_STATUSES.index("none"), dtype=torch.int8, device=code.device)
     out[:, 1:] = code[:, : view.seq_len - 1]

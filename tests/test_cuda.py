@@ -125,3 +125,24 @@ def test_all_masked_aborts_on_cuda_before_the_update(zephyr_tokenizer, tmp_path)
     assert cb.last_report is not None and cb.last_report.total.supervised_tokens == 0
     assert next(model.parameters()).device.type == "cuda"
     assert_params_equal(before, params_snapshot(model))
+
+
+def test_loss_vectors_and_untemplated_packed_rows_never_sync():
+    """Per-row and per-device loss vectors (checked element by element) and the per-document template
+    marking of packed rows (rows / documents without markers are not audited for leakage) stay on device."""
+    torch.manual_seed(0)
+    labels = torch.randint(3, 1000, (4, 32))
+    labels[0] = IGNORE
+    pos = (torch.arange(32) % 8).expand(4, 32).contiguous()
+    roles = torch.zeros(4, 32, dtype=torch.long)
+    roles[1, 8:16] = 4  # one document of row 1 is a chat render (assistant content), the rest is plain
+    cases = [
+        {"labels": labels, "loss": torch.tensor([0.0, 1.0, float("nan"), 2.0])},  # per row: NaN in row 2
+        {"labels": labels, "loss": torch.tensor([0.0, 0.0])},  # per device: every element 0
+        {"labels": labels, "position_ids": pos, "roles": roles, "loss": torch.tensor(1.5)},
+    ]
+    for case in cases:
+        on_gpu = {k: v.to("cuda") for k, v in case.items()}
+        with sync_mode("error"):
+            vec = batch_stats(**on_gpu)
+        assert torch.equal(vec.cpu(), batch_stats(**case))

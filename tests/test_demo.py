@@ -12,6 +12,7 @@ import pytest
 from mask_monitor.cli.demo import _examples, build_tokenizer
 
 pytestmark = pytest.mark.slow
+trl = pytest.importorskip("trl")
 
 
 def test_demo_stops_the_dead_run_and_counts_the_healthy_one(tmp_path):
@@ -20,14 +21,21 @@ def test_demo_stops_the_dead_run_and_counts_the_healthy_one(tmp_path):
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
 
-    # run 1: every label -100; under TRL's defaults TRL drops all 8 examples while SFTTrainer is built: the
-    # monitor stops there (step 0, before train()) with the real explanation and its evidence on disk
+    # run 1: every label -100; under TRL's defaults TRL (>= 1) drops all 8 examples while SFTTrainer is built:
+    # the monitor stops there (step 0, before train()) with the real explanation and its evidence on disk.
+    # TRL < 1 keeps them: the monitor stops train() at step 1.
     assert "8 of 8 examples have every label = -100" in out
-    assert "MaskMonitorAbort raised out of SFTTrainer(...) (reason='all_masked', step=0)" in out
-    assert "all 8 examples were dropped as fully masked when the dataset was prepared" in out
     evidence = json.loads((tmp_path / "broken" / "mask_monitor" / "abort-rank0.json").read_text())
-    assert evidence["reason"] == "all_masked" and evidence["step"] == 0
-    assert evidence["step_total"]["dropped_sequences"] == 8 and evidence["step_total"]["sequences"] == 0
+    if int(trl.__version__.split(".")[0]) >= 1:
+        assert "MaskMonitorAbort raised out of SFTTrainer(...) (reason='all_masked', step=0)" in out
+        assert ("all 8 examples were dropped as fully masked (8 with no supervised label at all) when the dataset "
+                "was prepared") in out
+        assert evidence["reason"] == "all_masked" and evidence["step"] == 0
+        assert evidence["step_total"]["dropped_sequences"] == 8 and evidence["step_total"]["sequences"] == 0
+    else:
+        assert "MaskMonitorAbort raised out of trainer.train() (reason='all_masked', step=1)" in out
+        assert evidence["reason"] == "all_masked" and evidence["step"] == 1
+        assert evidence["step_total"]["supervised_tokens"] == 0 and evidence["step_total"]["sequences"] == 2
     broken = _examples(build_tokenizer(), "### answer :")
     assert evidence["offending_micro_batch"]["labels"][0] == broken[0]["labels"]
 

@@ -12,6 +12,7 @@ from mask_monitor.stats import (
     ROLE_ASSISTANT_CONTENT,
     ROLE_ASSISTANT_HEADER,
     ROLE_END_OF_TURN,
+    ROLE_OTHER,
     ROLE_USER,
     SEQUENCE_FIELDS,
     SLOT_STATUSES,
@@ -30,13 +31,15 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
     B, L = len(labels), len(labels[0])
     out = dict.fromkeys(FIELDS, 0.0)
     out["micro_batches"] = 1
-    seqs = []  # (slots, supervised) per sequence
+    seqs = []  # (slots, supervised, holds a template marker) per sequence
     for b in range(B):
         cur = None
+        marked = _marked_by_position(roles[b], position_ids[b] if position_ids is not None else None) \
+            if roles is not None else [False] * L
         for j in range(L):
             starts = j == 0 or (position_ids is not None and position_ids[b][j] == 0)
             if starts:
-                cur = [0, 0]
+                cur = [0, 0, marked[j]]
                 seqs.append(cur)
             if shift_labels is not None:
                 tgt = shift_labels[b][j]
@@ -66,7 +69,7 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
             if roles is not None:
                 role = roles[b][j + 1] if j + 1 < L else 0
                 eot_first = role == ROLE_END_OF_TURN and not (j >= 1 and roles[b][j] == ROLE_END_OF_TURN)
-                if sup:
+                if sup and marked[j]:  # rows / documents without any marker are not audited for leakage
                     out["audited_supervised_tokens"] += 1
                     if role == ROLE_ASSISTANT_HEADER:
                         out["supervised_header_tokens"] += 1
@@ -85,10 +88,24 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
     out["sequences"] = len(live)
     out["fully_masked_sequences"] = sum(1 for s in live if s[1] == 0)
     out["unmasked_sequences"] = sum(1 for s in live if s[1] == s[0])
+    if roles is not None:
+        out["untemplated_sequences"] = sum(1 for s in live if not s[2])
     out["all_masked_batches"] = float(out["supervised_tokens"] == 0)
     out["unmasked_batches"] = float(out["masked_tokens"] == 0 and out["target_tokens"] > 0)
     out["max_masked_ratio"] = out["masked_tokens"] / out["target_tokens"] if out["target_tokens"] else 0.0
     return out
+
+
+def _marked_by_position(roles_row, pos_row=None):
+    """Per position: does its row (or packed document) hold any template marker (a role other than 0)?"""
+    L = len(roles_row)
+    docs, cur = [], -1
+    for j in range(L):
+        if j == 0 or (pos_row is not None and pos_row[j] == 0):
+            cur += 1
+        docs.append(cur)
+    has = {d for d, r in zip(docs, roles_row, strict=True) if r != 0}
+    return [d in has for d in docs]
 
 
 def check(labels, **kw):
@@ -226,12 +243,14 @@ def test_shifted_and_unshifted_forms_of_one_batch_count_the_same():
 def _statuses_by_hand(labels, attention=None, position_ids=None, roles=None):
     """Per input token, in words: the slot rules spelled out one token at a time."""
     out = ["none"]
+    marked = _marked_by_position(roles, position_ids) if roles is not None else None
     for j in range(1, len(labels)):
         real = attention is None or attention[j] == 1
         crosses = position_ids is not None and position_ids[j] == 0
         sup = labels[j] != IGN
-        if sup and roles is not None and roles[j] not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN,
-                                                          ROLE_ASSISTANT_HEADER):
+        # token j is the target of slot j - 1, which belongs to the document of position j - 1
+        if sup and roles is not None and marked[j - 1] and roles[j] not in (
+                ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_ASSISTANT_HEADER):
             out.append("leakage")
         elif sup:
             out.append("supervised")
@@ -308,3 +327,49 @@ def test_config_env_and_validation():
         MonitorConfig.resolve({"bogus": 1})
     with pytest.raises(ValueError, match="between 0 and 1"):
         MonitorConfig(prompt_leakage_threshold=2)
+
+
+# ---------------------------------------------------------------------------- loss vectors, element by element
+LOSS_CASES = [  # (loss, zero_loss_batches, non_finite_loss_batches, loss_sum); row 0 of LOSS_LABELS has no target
+    (0.0, 1, 0, 0.0),  # a scalar 0 with supervised targets
+    ([0.0, 1.0, float("nan"), 2.0], 0, 1, 0.0),  # per row: a NaN in row 2 is seen
+    ([0.0, 1.0, 1.0, 2.0], 0, 0, 1.0),  # per row: the fully masked row's 0 is no finding
+    ([0.0, 0.0, 0.0, 0.0], 1, 0, 0.0),  # per row: every supervised row exactly 0
+    ([0.0, 0.0, 1.0, 1.0], 0, 0, 0.5),  # per row: one supervised row at 0, the others not: not a zero loss
+    ([0.0, 0.0], 1, 0, 0.0),  # another length (per device): zero only if every element is 0
+    ([0.0, 3.0], 0, 0, 1.5),
+    ([float("inf"), 3.0], 0, 1, 0.0),
+]
+LOSS_LABELS = [[IGN] * 4, [IGN, IGN, 5, 6], [IGN, 7, 8, 9], [IGN, IGN, IGN, 4]]
+
+
+@pytest.mark.parametrize("loss,zero,non_finite,loss_sum", LOSS_CASES)
+def test_loss_vectors_are_checked_element_by_element(loss, zero, non_finite, loss_sum):
+    got = as_dict(batch_stats(torch.tensor(LOSS_LABELS), loss=torch.tensor(loss)))
+    assert (got["zero_loss_batches"], got["non_finite_loss_batches"]) == (zero, non_finite)
+    assert (got["loss_batches"], got["loss_sum"]) == (1, loss_sum)
+
+
+def test_unread_labels_loss_vector():
+    got = as_dict(batch_stats(None, loss=torch.tensor([0.0, 0.0])))
+    assert (got["unaudited_batches"], got["micro_batches"], got["zero_loss_batches"]) == (1, 0, 1)
+    got = as_dict(batch_stats(None, loss=torch.tensor([1.0, float("nan")])))
+    assert (got["non_finite_loss_batches"], got["zero_loss_batches"]) == (1, 0)
+
+
+def test_rows_without_template_markers_are_not_audited_for_leakage():
+    # row 0: plain text (no marker, every target supervised); row 1: user turn then assistant content
+    labels = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    roles = torch.tensor([[ROLE_OTHER] * 6, [ROLE_USER, ROLE_USER, ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT,
+                                             ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN]])
+    got = as_dict(batch_stats(labels, roles=roles))
+    assert got["untemplated_sequences"] == 1 and got["sequences"] == 2
+    assert got["audited_supervised_tokens"] == 5  # row 1's 5 targets only
+    assert got["prompt_leakage_tokens"] == 1 and got["supervised_header_tokens"] == 1  # targets 1 (user), 2 (header)
+    assert [SLOT_STATUSES[c] for c in slot_status(labels, roles=roles)[0].tolist()] == ["none"] + ["supervised"] * 5
+    table = sequence_stats(labels, roles=roles)
+    assert table["prompt_leakage_tokens"].tolist() == [0, 1]
+    # nothing in the batch carries a marker: leakage is not audited at all (no ratio), never 100%
+    plain = as_dict(batch_stats(labels, roles=torch.zeros_like(roles)))
+    assert (plain["untemplated_sequences"], plain["audited_supervised_tokens"], plain["prompt_leakage_tokens"]) == (
+        2, 0, 0)

@@ -302,7 +302,10 @@ def run_audit(
     truncated = int((pre_len > max_length).sum()) if max_length is not None else 0
 
     role_audit = tagger is not None and (totals.assistant_content_tokens > 0 or totals.assistant_turns > 0)
-    if tagger is not None and not role_audit:
+    if dropped and not counter.rows:
+        note = (f"TRL dropped all {dropped} examples as fully masked while preparing the dataset: nothing reaches "
+                "training, so there is nothing to audit for prompt leakage")
+    elif tagger is not None and not role_audit:
         note = f"{family} template markers not found in the data: prompt-leakage audit off"
     # the dataset as the policy sees it: what reaches training, plus what preparation dropped or cut
     counts = totals.as_dict()

@@ -54,6 +54,8 @@ class LoggingSink(Sink):
             return
         t = window.total
         extra = ""
+        if t.unaudited_batches:
+            extra += f", {int(t.unaudited_batches)} micro-batches NOT audited (labels unreadable; loss checked)"
         if t.template_audited:
             extra = (
                 f", prompt leakage {_pct(t.prompt_leakage_ratio)}, response coverage "
@@ -80,13 +82,26 @@ class LoggingSink(Sink):
         if not self.main:
             return
         fired = ", ".join(f"{k} x{v} (first at step {self.first_step[k]})" for k, v in sorted(self.counts.items()))
-        self.log.info(
-            "mask-monitor summary: %d steps, %d micro-batches, %d/%d target tokens supervised (masked %s); "
-            "warnings: %s",
-            summary.get("steps", 0),
-            summary.get("micro_batches", 0),
-            summary.get("supervised_tokens", 0),
-            summary.get("target_tokens", 0),
-            _pct(summary.get("masked_ratio")),
-            fired or "none",
-        )
+        parts = [
+            f"mask-monitor summary: {summary.get('steps', 0)} steps, {summary.get('micro_batches', 0)} "
+            f"micro-batches, {summary.get('supervised_tokens', 0)}/{summary.get('target_tokens', 0)} target tokens "
+            f"supervised (masked {_pct(summary.get('masked_ratio'))})"
+        ]
+        dropped = int(summary.get("dropped_sequences") or 0)
+        if dropped:
+            parts.append(f"{dropped} examples dropped as fully masked before training")
+        aborted = summary.get("aborted")
+        if aborted:
+            step = (summary.get("first_step") or {}).get(aborted)
+            at = f" at step {step}" if step is not None else ""
+            parts.append(f"ABORTED by [{aborted}]{at}")
+        not_audited = summary.get("not_audited") or {}
+        if "masking" in not_audited:
+            parts.append(not_audited["masking"])
+        if fired:
+            parts.append(f"warnings: {fired}")
+        elif not aborted and "masking" not in not_audited:
+            parts.append("warnings: none")
+        if "prompt_leakage" in not_audited:
+            parts.append(f"prompt leakage {not_audited['prompt_leakage']}")
+        self.log.info("%s", "; ".join(parts))
