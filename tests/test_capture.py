@@ -21,11 +21,12 @@ def test_read_batch_keeps_what_it_can_and_names_the_rest():
                      "input_ids": torch.ones(2, 6, dtype=torch.long)})
     assert mb.labels is labels and mb.attention_mask is None and mb.input_ids is None
     assert mb.position_ids is not None
-    assert mb.unread == ["attention_mask: shape (2, 1, 5, 5), labels (2, 5)", "input_ids: shape (2, 6), labels (2, 5)"]
+    assert mb.unread == ["attention_mask: a 4-D tensor, not (batch, seq) like the labels",
+                         "input_ids: another shape than the labels"]
     mb = read_batch({"labels": [[1, 2]], "input_ids": torch.ones(1, 2)})
     assert mb.labels is None and mb.unread == ["labels: a list, not a tensor"]
     mb = read_batch({"labels": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)})
-    assert mb.labels is None and mb.unread == ["labels: shape (2, 3), dtype torch.float32"]
+    assert mb.labels is None and mb.unread == ["labels: a 2-D torch.float32 tensor, not (batch, seq) integer labels"]
     # encoder-decoder: the encoder's mask is another sequence; only the decoder's counts
     mb = read_batch({"labels": labels, "attention_mask": torch.ones(2, 9), "decoder_attention_mask": torch.ones(2, 5)},
                     encoder_decoder=True)

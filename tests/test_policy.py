@@ -16,6 +16,8 @@ FIRING: dict[str, dict[str, float]] = {
                        all_masked_batches=1),
     "all_masked_micro_batch": dict(HEALTHY, micro_batches=2, all_masked_batches=1),
     "zero_loss": dict(HEALTHY, loss_batches=1, zero_loss_batches=1),
+    # the same totals, step after step: a loss that stays exactly 0 for the whole history is a plateau
+    "zero_loss_converged": dict(HEALTHY, loss_batches=1, zero_loss_batches=1),
     "non_finite_loss": dict(HEALTHY, loss_batches=1, non_finite_loss_batches=1),
     "fully_masked_share": dict(HEALTHY, fully_masked_sequences=3),
     "prompt_leakage": dict(HEALTHY, audited_supervised_tokens=10, prompt_leakage_tokens=6,
@@ -37,13 +39,15 @@ def step_report(t: Totals, step: int = 1) -> StepReport:
 
 
 def findings(config: MonitorConfig, counts: dict[str, float], scope: str) -> dict[str, str]:
+    """Every check that fired (with its action) on ``counts``: once for a dataset, on each of a full window of
+    identical steps for training."""
     t = Totals(**counts)
     policy = Policy(config)
     if scope == "dataset":
         return {f.check: f.action for f in policy.evaluate(t, scope="dataset")}
     out: dict[str, str] = {}
     for step in range(1, config.fully_masked_share_window + 1):  # the windowed share needs a full window
-        out = {f.check: f.action for f in policy.evaluate(step_report(t, step))}
+        out.update({f.check: f.action for f in policy.evaluate(step_report(t, step))})
     return out
 
 
