@@ -20,6 +20,7 @@ Use: ``SFTTrainer(..., callbacks=[MaskMonitorCallback()])``.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -55,14 +56,17 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             (``all_masked="abort"``, ``prompt_leakage_threshold=0.1``, ...). Unset values fall back to
             ``MASK_MONITOR_<FIELD>`` environment variables, then to the defaults.
         strict: shorthand for ``all_masked_micro_batch="abort"`` (abort on any all-masked micro-batch).
-        sinks: extra :class:`~mask_monitor.sinks.Sink` objects to receive the reports.
+        sinks: extra :class:`~mask_monitor.sinks.Sink` objects to receive the reports, e.g.
+            ``[PrometheusSink(port=9400)]`` (:mod:`mask_monitor.sinks.prometheus`).
         template: ``"auto"`` (detect from the trainer's tokenizer), a ``ChatTemplate``, or None (off).
         tokenizer: tokenizer used for template detection and for decoding evidence (defaults to the
             trainer's ``processing_class``).
         prometheus_port, prometheus_addr, prometheus_certfile, prometheus_keyfile, pushgateway_url,
-        prometheus_job, prometheus_linger_seconds, prometheus_aggregate: Prometheus export (off unless a
-            port or a gateway is given here or by ``MASK_MONITOR_PROMETHEUS_PORT`` /
-            ``MASK_MONITOR_PUSHGATEWAY_URL``).
+        prometheus_job, prometheus_linger_seconds, prometheus_aggregate: deprecated (one FutureWarning
+            naming the equivalent): pass ``sinks=[PrometheusSink(port=..., addr=..., ...)]`` instead. Without
+            a ``PrometheusSink`` in ``sinks``, ``MASK_MONITOR_PROMETHEUS_PORT`` /
+            ``MASK_MONITOR_PUSHGATEWAY_URL`` still turn an exporter on; with one, the environment only fills
+            the settings that sink left unset.
         wandb: log to Weights & Biases when a run is active (None = auto, False = never).
     """
 
@@ -109,6 +113,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             "linger_seconds": prometheus_linger_seconds,
             "aggregate": prometheus_aggregate,
         }
+        _deprecated_prometheus_arguments(self._prom_settings, self._user_sinks)
         self._wandb_setting = wandb
         self.info = RunInfo(version=__version__)
         self.findings: dict[str, int] = {}
@@ -206,10 +211,14 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             )
 
     def _setup_sinks(self) -> None:
-        try:
-            from .sinks.prometheus import PrometheusSink
-        except ImportError:
-            PrometheusSink = None  # noqa: N806
+        # A PrometheusSink given in `sinks` is the exporter (it reads the environment for what it left unset);
+        # otherwise the deprecated prometheus_* arguments and MASK_MONITOR_PROMETHEUS_* may ask for one.
+        PrometheusSink = None  # noqa: N806
+        if not any(isinstance(s, Sink) and s.name == "prometheus" for s in self._user_sinks):
+            try:
+                from .sinks.prometheus import PrometheusSink
+            except ImportError:
+                PrometheusSink = None  # noqa: N806
         if PrometheusSink is not None:
             try:
                 sink = PrometheusSink.from_settings(**self._prom_settings)
@@ -397,6 +406,39 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self._remove_hooks()
         self.sinks.call("on_train_end", self.summary())
         self.sinks.call("close")
+
+
+_PROMETHEUS_ARGUMENTS = {
+    "port": "prometheus_port",
+    "addr": "prometheus_addr",
+    "certfile": "prometheus_certfile",
+    "keyfile": "prometheus_keyfile",
+    "pushgateway_url": "pushgateway_url",
+    "job": "prometheus_job",
+    "linger_seconds": "prometheus_linger_seconds",
+    "aggregate": "prometheus_aggregate",
+}
+
+
+def _deprecated_prometheus_arguments(settings: Mapping[str, Any], sinks: list[Sink]) -> None:
+    """One FutureWarning naming the equivalent ``PrometheusSink(...)`` for the flat ``prometheus_*`` arguments;
+    a ValueError when a ``PrometheusSink`` is given as well (two exporters, or one configured twice)."""
+    given = {k: v for k, v in settings.items() if v is not None and v is not False}
+    if not given:
+        return
+    flat = ", ".join(f"{_PROMETHEUS_ARGUMENTS[k]}={v!r}" for k, v in given.items())
+    sink = "PrometheusSink(" + ", ".join(f"{k}={v!r}" for k, v in given.items()) + ")"
+    if any(isinstance(s, Sink) and s.name == "prometheus" for s in sinks):
+        raise ConfigError(
+            f"MaskMonitorCallback({flat}) configures a Prometheus exporter, and sinks= holds a PrometheusSink "
+            f"already: move these settings into it, {sink}"
+        )
+    warnings.warn(
+        f"MaskMonitorCallback({flat}) is deprecated: pass the exporter as a sink, "
+        f"MaskMonitorCallback(sinks=[{sink}]) (from mask_monitor.sinks.prometheus import PrometheusSink)",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
