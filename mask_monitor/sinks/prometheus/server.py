@@ -17,9 +17,9 @@ nothing a client does may block, slow or crash training. The design, and what bo
   ``max_connections``). Every unit of work the thread does (accept, handshake, read, render, write) belongs
   to an accepted connection, so this bounds the GIL time a storm of clients can take from training; the
   excess waits in the kernel's backlog, costing the process nothing.
-* **The exposition is rendered at most once per change of the exported values** (and at least every
-  second, for collectors a user added to the registry) and served from that cache: a storm of scrapes
-  between two optimizer steps renders once.
+* **The exposition is rendered at most once per second**, and only when the exported values changed
+  since (see :class:`ExpositionCache`); every other request is served the cached bytes, so a storm of
+  scrapes costs one rendering per second at most, not one per request.
 * **Only ``GET``/``HEAD /metrics``** is served (query strings ignored); any other path is 404, any other
   method 405, a malformed request 400, an oversized request line 414 or header block 431, another HTTP
   version 505. Only a complete ``GET /metrics`` answered 200 counts as a scrape (see ``on_scrape``).
@@ -85,16 +85,25 @@ _REASONS = {
 
 
 class ExpositionCache:
-    """The registry rendered at most once per ``version()`` (and at least every ``max_age`` seconds).
+    """The registry rendered at most once per ``min_interval`` seconds, and only when asked.
 
-    Two encodings, chosen by the request's ``Accept`` header: OpenMetrics 1.0.0 when the client asks for
-    it (Prometheus does), else the text format 0.0.4. :attr:`renders` counts the renderings.
+    Between renders every request gets the cached bytes (at most ``min_interval`` old), so a storm of
+    scrapes costs at most one rendering per second, not one per request; nothing is rendered while nobody
+    scrapes. With ``exclusive`` (the registry holds only the values behind ``version()``), a body is also
+    kept as long as the version has not changed: no rendering at all while the values stand still.
+    Each body carries the ``version()`` read before it was rendered (its values are at least that new), so
+    the abort linger can count only scrapes that carried the final values. Two encodings, chosen by the
+    request's ``Accept`` header: OpenMetrics 1.0.0 when the client asks for it (Prometheus does), else the
+    text format 0.0.4. :attr:`renders` counts the renderings.
     """
 
-    def __init__(self, registry: Any, version: Callable[[], int], max_age: float = 1.0) -> None:
+    def __init__(
+        self, registry: Any, version: Callable[[], int], min_interval: float = 1.0, exclusive: bool = False
+    ) -> None:
         self.registry = registry
         self._version = version
-        self.max_age = max_age
+        self.min_interval = min_interval
+        self.exclusive = exclusive
         self._lock = threading.Lock()
         self._cache: dict[bool, tuple[int, float, bytes]] = {}
         self.renders = 0
@@ -105,7 +114,7 @@ class ExpositionCache:
         version, now = self._version(), time.monotonic()
         with self._lock:
             hit = self._cache.get(openmetrics)
-            if hit is not None and hit[0] == version and now - hit[1] < self.max_age:
+            if hit is not None and (now - hit[1] < self.min_interval or self.exclusive and hit[0] == version):
                 return hit[2], OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE, hit[0]
         # rendered outside the cache lock (the collector takes the state lock); the version was read
         # before rendering, so values that change meanwhile make the next request render again
@@ -206,6 +215,7 @@ class MetricsServer:
         self._tokens = self.burst
         self._refilled = time.monotonic()
         self._listening = False
+        self._full = False
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -260,7 +270,7 @@ class MetricsServer:
                     if conn.state != _DRAIN:
                         self.stats["timed_out"] += 1
                     self._close(conn)
-                if not self._listening and len(self._conns) < self.max_connections:
+                if not self._listening and not self._full:
                     self._refill(now)
                     if self._tokens >= 1:
                         self._listen(True)
@@ -271,7 +281,7 @@ class MetricsServer:
 
     def _timeout(self, now: float) -> float | None:
         deadlines = [c.deadline for c in self._conns.values()]
-        if not self._listening and len(self._conns) < self.max_connections:  # waiting for a token
+        if not self._listening and not self._full:  # waiting for a token
             deadlines.append(now + max(0.0, (1 - self._tokens) / self.rate))
         if not deadlines:
             return None
@@ -315,7 +325,8 @@ class MetricsServer:
         self._refill(now)
         while self._tokens >= 1:
             if len(self._conns) >= self.max_connections and not self._evict():
-                self._listen(False)  # every slot is writing a response: resume when one closes
+                self._full = True  # every slot is writing a response: resume when one closes
+                self._listen(False)
                 return
             try:
                 sock, _ = self._listener.accept()
@@ -501,12 +512,17 @@ class MetricsServer:
                     self.on_scrape(version)
                 except Exception:  # noqa: BLE001  # pragma: no cover
                     logger.debug("mask-monitor: on_scrape failed", exc_info=True)
-        if not conn.tls:  # (a TLS half-close would need a close_notify exchange: TLS clients just close)
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._close(conn)
-                return
+        # half-close, so that a client reading until the end of the stream sees it now (TLS: close_notify first)
+        try:
+            if conn.tls:
+                try:
+                    conn.sock.unwrap()  # type: ignore[attr-defined]  # sends close_notify, then wants the client's
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+        except (OSError, ValueError):
+            self._close(conn)
+            return
         conn.state = _DRAIN
         conn.deadline = min(conn.deadline, time.monotonic() + DRAIN_SECONDS)
         self._want(conn, selectors.EVENT_READ)
@@ -520,6 +536,7 @@ class MetricsServer:
     def _close(self, conn: _Conn) -> None:
         if self._conns.pop(conn.sock, None) is None:
             return
+        self._full = False
         try:
             self._sel.unregister(conn.sock)
         except (KeyError, ValueError, OSError):  # pragma: no cover

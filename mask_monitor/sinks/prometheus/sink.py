@@ -161,13 +161,14 @@ class PrometheusSink(Sink):
     def _setup(self, settings: PrometheusSettings, registry: CollectorRegistry | None) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
+        exclusive = registry is None  # a private registry holds only this sink's values
         #: the port actually served (after train begin), or None
         self.port: int | None = None
         self.instance = socket.gethostname()
         self.active = True  # False on non-zero ranks in aggregate mode
         self._state = MetricState()
         self._state.rank_label = "all" if settings.aggregate else "0"
-        self._exposition = ExpositionCache(self.registry, lambda: self._state.version)
+        self._exposition = ExpositionCache(self.registry, lambda: self._state.version, exclusive=exclusive)
         self._server: MetricsServer | None = None
         self._pusher: PushWorker | None = None
         self._scrape_cond = threading.Condition()
