@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import pytest
+from prom_server import MISSING_PROMETHEUS, PROMETHEUS, PrometheusServer
 from tls_pki import MISSING_OPENSSL, OPENSSL, Pki, make_pki
 
 from mask_monitor.config import ENVIRONMENT, ConfigError
@@ -331,6 +332,36 @@ def test_mutual_tls_accepts_a_client_certificate_and_rejects_clients_without_one
         assert sink.scrapes == 1
     finally:
         sink.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason=MISSING_PROMETHEUS)
+def test_a_real_prometheus_scrapes_over_mutual_tls_with_the_documented_tls_config(pki):
+    """The scrape_config of docs/security.md, verbatim but for the paths: with the client certificate the
+    target is up; the same job without it is down (the handshake is refused)."""
+    sink = started(certfile=str(pki.server_cert), keyfile=str(pki.server_key), client_cafile=str(pki.ca))
+    try:
+        sink.on_step(step(1, mb(12, 5)), [])
+        target = [f"{LOCAL}:{sink.port}"]
+        with_cert = {"scheme": "https", "tls_config": {
+            "ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}}
+        without = {"scheme": "https", "tls_config": {"ca_file": str(pki.ca)}}
+        jobs, options = {"mm-mtls": target, "mm-nocert": target}, {"mm-mtls": with_cert, "mm-nocert": without}
+        with PrometheusServer(jobs, job_options=options, rule_files=()) as prom:
+            def up() -> dict[str, float]:
+                return {r["metric"]["job"]: float(r["value"][1]) for r in prom.query("up")}
+
+            assert prom.wait_for(lambda: len(up()) == 2 and up(), 20, "both jobs scraped") == {
+                "mm-mtls": 1.0, "mm-nocert": 0.0,
+            }  # fmt: skip
+            (res,) = prom.query('mask_monitor_supervised_tokens_total{job="mm-mtls"}')
+            assert float(res["value"][1]) == 5 and res["metric"]["rank"] == "0"
+            assert prom.query('mask_monitor_supervised_tokens_total{job="mm-nocert"}') == []
+            (nocert,) = [t for t in prom.targets() if t["labels"]["job"] == "mm-nocert"]
+            assert nocert["lastError"].endswith("remote error: tls: certificate required"), nocert
+    finally:
+        sink.close()
+    assert sink.server is None and sink.scrapes >= 1
 
 
 def test_tls_settings_are_validated_and_bad_files_fail_before_training(pki, tmp_path):
