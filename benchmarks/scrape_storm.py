@@ -1,0 +1,301 @@
+"""What scraping costs a training run: step time under a scrape storm and under a normal scrape, side by
+side in one run, against no scraping (issue 15).
+
+One ``train()`` of a real ``transformers.Trainer`` (the ``tiny`` model of ``overhead.py``: the model costs
+little, so whatever the exporter costs shows), with ``MaskMonitorCallback(sinks=[PrometheusSink(...)])``
+serving on loopback. The run is cut into blocks of steps; each block has one scraping regime, and the
+regimes rotate round after round (round 1: A B C D E, round 2: B C D E A, ...) so that load from other
+processes and drift hit every regime alike. The first step of each block (the switch) is not counted.
+
+Regimes:
+
+* ``none``: the endpoint serves, nobody scrapes (the baseline);
+* ``normal``: one scrape every 15 s, as a Prometheus would (a separate process; random phase, so that over
+  many short blocks the regime gets one scrape per 15 s on average);
+* ``storm``: ``--clients`` processes fetching ``/metrics`` as fast as they can, each in a loop of connect,
+  GET, read, close;
+* ``storm-tls``: the same against a second, HTTPS endpoint of the same run (``openssl`` makes a
+  throwaway certificate; skipped without it);
+* ``storm-reference``: the same storm against ``prometheus_client.start_http_server`` serving the very
+  same registry: the thread-per-connection server the exporter used before issue 15, for comparison.
+
+Reported per regime: median step time (wall clock) and its ratio to ``none``, with a bootstrap 95 %
+interval; median process CPU time per step (all threads of the training process: its own share of a storm,
+blind to CPU stolen by other processes); the requests the endpoint answered per second; for the exporter's
+own server, renderings per second and its thread's CPU seconds per second.
+
+Run::
+
+    python benchmarks/scrape_storm.py                      # 4 rounds of 5 regimes x 10 steps
+    python benchmarks/scrape_storm.py --rounds 6 --clients 4 --torch-threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from overhead import CONFIGS, StepTimer, build_model, build_trainer, load_tokenizer, make_rows  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from prometheus_client.exposition import start_http_server  # noqa: E402
+from prometheus_client.registry import Collector  # noqa: E402
+from stats_speed import machine  # noqa: E402
+
+from mask_monitor import MaskMonitorCallback  # noqa: E402
+from mask_monitor.sinks.prometheus import MetricCollector, PrometheusSink  # noqa: E402
+
+LOCAL = "127.0.0.1"
+
+#: A client fetching /metrics in a loop as fast as it can (its own process: its CPU is not the trainer's).
+STORM_CLIENT = r"""
+import socket, ssl, sys
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile) if cafile else None
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if ctx:
+            s = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        while s.recv(65536):
+            pass
+        s.close()
+    except OSError:
+        pass
+"""
+
+#: A Prometheus-like scraper: one scrape every 15 s, its phase random (a block is shorter than 15 s, so over
+#: many blocks the regime sees one scrape per 15 s on average, as a training run scraped by Prometheus does).
+NORMAL_CLIENT = r"""
+import random, socket, sys, time
+port = int(sys.argv[1])
+time.sleep(random.uniform(0, 15))
+while True:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+    time.sleep(15)
+"""
+
+
+class RequestCounter(Collector):
+    """Counts collections of a registry (one per request the reference server answers); exports nothing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def collect(self):
+        self.count += 1
+        return iter(())
+
+
+def self_signed(folder: Path) -> tuple[str, str] | None:
+    if shutil.which("openssl") is None:
+        return None
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+class Load:
+    """Starts and stops the client processes of one regime."""
+
+    def __init__(self, ports: dict[str, int], cafile: str | None, clients: int) -> None:
+        self.ports, self.cafile, self.clients = ports, cafile, clients
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, regime: str) -> None:
+        if regime == "none":
+            return
+        if regime == "normal":
+            cmds = [[NORMAL_CLIENT, str(self.ports["plain"])]]
+        else:
+            target = {"storm": "plain", "storm-tls": "tls", "storm-reference": "reference"}[regime]
+            cafile = self.cafile if target == "tls" else ""
+            cmds = [[STORM_CLIENT, str(self.ports[target]), cafile or ""] for _ in range(self.clients)]
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for cmd in cmds
+        ]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+
+
+class Schedule(StepTimer):
+    """Switches the regime at block boundaries and files each step's times under its regime."""
+
+    def __init__(self, order: list[str], block: int, load: Load, probes: dict[str, Any]) -> None:
+        super().__init__()
+        self.order, self.block, self.load, self.probes = order, block, load, probes
+        self.step = 0
+        self.regime = "warmup"
+        self.by_regime: dict[str, dict[str, list[float]]] = {}
+        self.blocks: list[tuple[str, list[float]]] = []
+        self._mark: dict[str, float] = {}
+
+    def on_step_begin(self, args, state, control, **kw):
+        block, pos = divmod(self.step, self.block)
+        if pos == 0:
+            self._close_block()
+            self.load.stop()
+            self.regime = self.order[block] if block < len(self.order) else "tail"
+            self.load.start(self.regime)
+            self._mark = {"t": time.perf_counter(), **{k: f() for k, f in self.probes.items()}}
+            self.blocks.append((self.regime, []))
+        super().on_step_begin(args, state, control, **kw)
+
+    def on_step_end(self, args, state, control, **kw):
+        super().on_step_end(args, state, control, **kw)
+        if self.step % self.block:  # the first step of a block is the switch: not counted
+            d = self.by_regime.setdefault(self.regime, {"wall": [], "cpu": []})
+            d["wall"].append(self.times[-1])
+            d["cpu"].append(self.cpu_times[-1])
+            self.blocks[-1][1].append(self.times[-1])
+        self.step += 1
+
+    def _close_block(self) -> None:
+        if not self._mark:
+            return
+        elapsed = time.perf_counter() - self._mark["t"]
+        rates = self.by_regime.setdefault(self.regime, {"wall": [], "cpu": []})
+        for k, f in self.probes.items():
+            rates.setdefault(k, []).append((f() - self._mark[k]) / elapsed)
+
+    def finish(self) -> None:
+        self._close_block()
+        self.load.stop()
+
+
+def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float]:
+    rng = random.Random(0)
+    ratios = sorted(
+        statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b))) for _ in range(n)
+    )
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--block", type=int, default=10, help="steps per block (the first is not counted)")
+    ap.add_argument("--clients", type=int, default=4, help="storm client processes")
+    ap.add_argument("--torch-threads", type=int, default=None)
+    ap.add_argument("--config", default="tiny", choices=("tiny", "small"))
+    a = ap.parse_args(argv)
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
+    cfg = CONFIGS[a.config]
+    tmp = Path(tempfile.mkdtemp(prefix="mm-scrape-storm-"))
+    tls = self_signed(tmp)
+    regimes = ["none", "normal", "storm", *(["storm-tls"] if tls else []), "storm-reference"]
+
+    plain = PrometheusSink(port=0, addr=LOCAL, linger_seconds=0, env={})
+    sinks = [plain]
+    secure = None
+    if tls:
+        secure = PrometheusSink(port=0, addr=LOCAL, linger_seconds=0, certfile=tls[0], keyfile=tls[1], env={})
+        sinks.append(secure)
+    reference_requests = RequestCounter()
+    reference_registry = CollectorRegistry()  # the same values (the plain sink's state), its own request count
+    reference_registry.register(MetricCollector(plain._state))
+    reference_registry.register(reference_requests)
+    ports: dict[str, int] = {}
+    servers: dict[str, Any] = {}
+
+    def server_cpu(sink: PrometheusSink | None) -> float:
+        th = next((t for t in threading.enumerate() if sink and sink.server and t.name.endswith(f":{sink.port}")), None)
+        return time.clock_gettime(time.pthread_getcpuclockid(th.ident)) if th else 0.0
+
+    probes = {
+        "plain": lambda: plain.server.stats["responses"] if plain.server else 0,
+        "tls": lambda: secure.server.stats["responses"] if secure and secure.server else 0,
+        "reference": lambda: reference_requests.count,
+        "renders/s": lambda: plain._exposition.renders + (secure._exposition.renders if secure else 0),
+        "server CPU s/s": lambda: server_cpu(plain) + server_cpu(secure),
+    }
+    order = [r for i in range(a.rounds) for r in regimes[i % len(regimes) :] + regimes[: i % len(regimes)]]
+    load = Load(ports, tls[0] if tls else None, a.clients)
+    schedule = Schedule(order, a.block, load, probes)
+
+    class Ports(MaskMonitorCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            ports["plain"] = plain.port
+            if secure is not None:
+                ports["tls"] = secure.port
+            server, _ = start_http_server(0, addr=LOCAL, registry=reference_registry)  # the pre-issue-15 server
+            servers["reference"] = server
+            ports["reference"] = server.server_address[1]
+
+    tok = load_tokenizer()
+    vocab = len(tok) if tok is not None else 32000
+    data = make_rows(tok, 64, cfg["seq"], vocab)
+    model = build_model(cfg, vocab)
+    steps = len(order) * a.block
+    trainer = build_trainer(model, data, cfg, steps, str(tmp / "out"),
+                            [Ports(sinks=sinks, template=None, wandb=False), schedule])  # fmt: skip
+    print(f"machine: {machine()}")
+    print(f"config {a.config}: {cfg}; {a.rounds} rounds x {len(regimes)} regimes x {a.block} steps; "
+          f"{a.clients} storm client processes")  # fmt: skip
+    try:
+        trainer.train()
+    finally:
+        schedule.finish()
+        if "reference" in servers:
+            servers["reference"].shutdown()
+            servers["reference"].server_close()
+    base = schedule.by_regime["none"]
+    print()
+    print(f"{'regime':<16} {'steps':>5} {'median step':>12} {'ratio':>7} {'95% CI':>15} {'CPU/step':>9} "
+          f"{'answered/s':>11} {'renders/s':>10} {'server CPU':>11}")  # fmt: skip
+    for regime in regimes:
+        d = schedule.by_regime.get(regime)
+        if not d or not d["wall"]:
+            continue
+        med = statistics.median(d["wall"])
+        ratio = med / statistics.median(base["wall"])
+        lo, hi = bootstrap_ratio(d["wall"], base["wall"])
+        cpu = statistics.median(d["cpu"])
+        target = {"storm-tls": "tls", "storm-reference": "reference"}.get(regime, "plain")
+        rate = statistics.median(d.get(target, [0.0]))
+        renders = statistics.median(d.get("renders/s", [0.0]))
+        server = statistics.median(d.get("server CPU s/s", [0.0]))
+        server_txt = f"{server:>10.3f}s" if regime != "storm-reference" else f"{'n/a':>11}"
+        print(f"{regime:<16} {len(d['wall']):>5} {med * 1000:>10.1f}ms {ratio:>7.2f} [{lo:>5.2f}, {hi:>5.2f}] "
+              f"{cpu * 1000:>7.1f}ms {rate:>11.1f} {renders:>10.2f} {server_txt}")  # fmt: skip
+    print()
+    print("ratio: median step time over the 'none' regime's; CPU/step: process CPU seconds (all threads) per step;")
+    print("answered/s: responses of the targeted endpoint; server CPU: CPU seconds per second of the exporter's")
+    print("serving thread(s) (the reference server's threads are not measured: n/a).")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
