@@ -19,7 +19,9 @@ Regimes:
 * ``storm-reference``: the same storm against ``prometheus_client.start_http_server`` serving the very
   same registry: the thread-per-connection server the exporter used before issue 15, for comparison.
 
-Reported per regime: median step time (wall clock) and its ratio to ``none``, with a bootstrap 95 %
+Reported first, the unit costs: CPU time of the exporter's serving thread per connection (idle, and a
+scrape served from the cache; plain and TLS) and per rendering of the exposition. Then, per regime: median
+step time (wall clock) and its ratio to ``none``, with a bootstrap 95 %
 interval; median process CPU time per step (all threads of the training process: its own share of a storm,
 blind to CPU stolen by other processes); the requests the endpoint answered per second; for the exporter's
 own server, renderings per second and its thread's CPU seconds per second.
@@ -33,6 +35,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import statistics
@@ -121,8 +124,8 @@ def self_signed(folder: Path) -> tuple[str, str] | None:
 class Load:
     """Starts and stops the client processes of one regime."""
 
-    def __init__(self, ports: dict[str, int], cafile: str | None, clients: int) -> None:
-        self.ports, self.cafile, self.clients = ports, cafile, clients
+    def __init__(self, ports: dict[str, int], cafile: str | None, clients: int, cpus: set[int] | None) -> None:
+        self.ports, self.cafile, self.clients, self.cpus = ports, cafile, clients, cpus
         self.procs: list[subprocess.Popen] = []
 
     def start(self, regime: str) -> None:
@@ -138,6 +141,9 @@ class Load:
             subprocess.Popen([sys.executable, "-c", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for cmd in cmds
         ]
+        if self.cpus:
+            for p in self.procs:
+                os.sched_setaffinity(p.pid, self.cpus)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -192,12 +198,67 @@ class Schedule(StepTimer):
         self.load.stop()
 
 
-def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float]:
+def unit_costs(tls: tuple[str, str] | None, n: int = 200) -> list[tuple[str, float]]:
+    """CPU seconds the exporter's serving thread spends per connection (thread CPU clock), and one rendering
+    of the exposition, measured on a sink of its own before training."""
+    import socket
+    import ssl
+
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    from mask_monitor.reports import RunInfo
+
+    out = []
+    for kind in ("plain", "tls") if tls else ("plain",):
+        kw = {"certfile": tls[0], "keyfile": tls[1]} if kind == "tls" else {}
+        sink = PrometheusSink(port=0, addr=LOCAL, env={}, connections_per_second=1e6, max_connections=64, **kw)
+        sink.on_train_begin(RunInfo())
+        thread = next(t for t in threading.enumerate() if t.name.endswith(f":{sink.port}"))
+        clock = time.pthread_getcpuclockid(thread.ident)
+        ctx = ssl.create_default_context(cafile=tls[0]) if kind == "tls" else None
+        for what in ("connection, nothing sent", "scrape (GET /metrics, cached)"):
+            c0 = time.clock_gettime(clock)
+            for _ in range(n):
+                s = socket.create_connection((LOCAL, sink.port))
+                if ctx:
+                    s = ctx.wrap_socket(s, server_hostname=LOCAL)
+                if what.startswith("scrape"):
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    while s.recv(65536):
+                        pass
+                s.close()
+            time.sleep(0.3)  # the server closes what is left
+            out.append((f"{kind} {what}", (time.clock_gettime(clock) - c0) / n))
+        sink.close()
+    sink = PrometheusSink(env={})
+    for name, render in (("rendering, text 0.0.4", generate_latest), ("rendering, OpenMetrics", generate_openmetrics)):
+        t0 = time.process_time()
+        for _ in range(n):
+            render(sink.registry)
+        out.append((name, (time.process_time() - t0) / n))
+    return out
+
+
+def round_ratios(blocks: list[tuple[str, list[float]]], regimes: list[str], regime: str) -> list[float]:
+    """Per round: median step of the regime's block over the median step of that round's ``none`` block."""
+    rounds: list[dict[str, list[float]]] = []
+    for i, (name, times) in enumerate(blocks):
+        if i % len(regimes) == 0:
+            rounds.append({})
+        rounds[-1][name] = times
+    return [
+        statistics.median(r[regime]) / statistics.median(r["none"])
+        for r in rounds
+        if r.get(regime) and r.get("none")
+    ]
+
+
+def bootstrap_median(values: list[float], n: int = 4000) -> tuple[float, float]:
+    """95 % interval of the median of ``values`` (resampled with replacement)."""
     rng = random.Random(0)
-    ratios = sorted(
-        statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b))) for _ in range(n)
-    )
-    return ratios[int(0.025 * n)], ratios[int(0.975 * n)]
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4, help="storm client processes")
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--config", default="tiny", choices=("tiny", "small"))
+    ap.add_argument("--pin", action="store_true",
+                    help="training (one torch thread) on CPU 0, the clients on the other CPUs: the clients' own "
+                    "CPU does not compete with training, as when scrapers run on other hosts")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.pin:
+        a.torch_threads = 1
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
     cfg = CONFIGS[a.config]
@@ -240,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         "server CPU s/s": lambda: server_cpu(plain) + server_cpu(secure),
     }
     order = [r for i in range(a.rounds) for r in regimes[i % len(regimes) :] + regimes[: i % len(regimes)]]
-    load = Load(ports, tls[0] if tls else None, a.clients)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = a.pin and len(cpus) >= 2
+    load = Load(ports, tls[0] if tls else None, a.clients, set(cpus[1:]) if pinned else None)
     schedule = Schedule(order, a.block, load, probes)
 
     class Ports(MaskMonitorCallback):
@@ -260,9 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     steps = len(order) * a.block
     trainer = build_trainer(model, data, cfg, steps, str(tmp / "out"),
                             [Ports(sinks=sinks, template=None, wandb=False), schedule])  # fmt: skip
+    if pinned:  # every thread of this process (torch's pool included) on the first CPU
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), {cpus[0]})
     print(f"machine: {machine()}")
+    print(f"pinned: training on CPU {cpus[0]}, clients on CPUs {cpus[1:]}" if pinned else "pinned: no")
     print(f"config {a.config}: {cfg}; {a.rounds} rounds x {len(regimes)} regimes x {a.block} steps; "
           f"{a.clients} storm client processes")  # fmt: skip
+    print()
+    print("unit costs (CPU time of the exporter's serving thread per connection; of the caller per rendering):")
+    for what, seconds in unit_costs(tls):
+        print(f"  {what:<42} {seconds * 1e6:8.0f} us")
     try:
         trainer.train()
     finally:
@@ -272,25 +348,30 @@ def main(argv: list[str] | None = None) -> int:
             servers["reference"].server_close()
     base = schedule.by_regime["none"]
     print()
-    print(f"{'regime':<16} {'steps':>5} {'median step':>12} {'ratio':>7} {'95% CI':>15} {'CPU/step':>9} "
-          f"{'answered/s':>11} {'renders/s':>10} {'server CPU':>11}")  # fmt: skip
+    print(f"{'regime':<16} {'steps':>5} {'median step':>12} {'ratio':>7} {'per-round ratio [95% CI]':>25} "
+          f"{'CPU/step':>9} {'answered/s':>11} {'renders/s':>10} {'server CPU':>11}")  # fmt: skip
     for regime in regimes:
         d = schedule.by_regime.get(regime)
         if not d or not d["wall"]:
             continue
         med = statistics.median(d["wall"])
         ratio = med / statistics.median(base["wall"])
-        lo, hi = bootstrap_ratio(d["wall"], base["wall"])
+        per_round = round_ratios(schedule.blocks, regimes, regime)
+        paired = statistics.median(per_round)
+        lo, hi = bootstrap_median(per_round)
         cpu = statistics.median(d["cpu"])
         target = {"storm-tls": "tls", "storm-reference": "reference"}.get(regime, "plain")
         rate = statistics.median(d.get(target, [0.0]))
         renders = statistics.median(d.get("renders/s", [0.0]))
         server = statistics.median(d.get("server CPU s/s", [0.0]))
         server_txt = f"{server:>10.3f}s" if regime != "storm-reference" else f"{'n/a':>11}"
-        print(f"{regime:<16} {len(d['wall']):>5} {med * 1000:>10.1f}ms {ratio:>7.2f} [{lo:>5.2f}, {hi:>5.2f}] "
-              f"{cpu * 1000:>7.1f}ms {rate:>11.1f} {renders:>10.2f} {server_txt}")  # fmt: skip
+        print(f"{regime:<16} {len(d['wall']):>5} {med * 1000:>10.1f}ms {ratio:>7.2f} {paired:>9.2f} "
+              f"[{lo:>5.2f}, {hi:>5.2f}] {cpu * 1000:>7.1f}ms {rate:>11.1f} {renders:>10.2f} "
+              f"{server_txt}")  # fmt: skip
     print()
-    print("ratio: median step time over the 'none' regime's; CPU/step: process CPU seconds (all threads) per step;")
+    print("ratio: median step time over the 'none' regime's (all steps pooled); per-round ratio: the median over")
+    print("rounds of (median step of the regime's block / median step of the same round's 'none' block), with a")
+    print("bootstrap 95% interval over rounds; CPU/step: process CPU seconds (all threads) per step;")
     print("answered/s: responses of the targeted endpoint; server CPU: CPU seconds per second of the exporter's")
     print("serving thread(s) (the reference server's threads are not measured: n/a).")
     shutil.rmtree(tmp, ignore_errors=True)

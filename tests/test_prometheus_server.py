@@ -8,13 +8,16 @@ The same endpoint under a real training run is in ``test_prometheus_hostile.py``
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
 from prom_server import MISSING_PROMETHEUS, PROMETHEUS, PrometheusServer
 from tls_pki import MISSING_OPENSSL, OPENSSL, Pki, make_pki
 
@@ -26,6 +29,7 @@ from mask_monitor.sinks.prometheus import PrometheusSink, settings
 from mask_monitor.sinks.prometheus.server import MAX_EVENTS, MAX_REQUEST_BYTES
 
 LOCAL = "127.0.0.1"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def mb(target: int, supervised: int) -> Totals:
@@ -334,20 +338,28 @@ def test_mutual_tls_accepts_a_client_certificate_and_rejects_clients_without_one
         sink.close()
 
 
+def doc_blocks(page: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(PROMETHEUS is None, reason=MISSING_PROMETHEUS)
 def test_a_real_prometheus_scrapes_over_mutual_tls_with_the_documented_tls_config(pki):
-    """The scrape_config of docs/security.md, verbatim but for the paths: with the client certificate the
-    target is up; the same job without it is down (the handshake is refused)."""
+    """The scrape job of docs/security.md, read from the page (only the file paths replaced by the test's):
+    with the client certificate the target is up; the same job without it is down (handshake refused)."""
+    (documented,) = [yaml.safe_load(b)["scrape_configs"][0] for b in doc_blocks("security.md", "yaml")
+                     if "tls_config" in b]  # fmt: skip
+    assert documented["scheme"] == "https" and set(documented["tls_config"]) == {"ca_file", "cert_file", "key_file"}
+    paths = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+    with_cert = {"scheme": documented["scheme"], "tls_config": {k: paths[k] for k in documented["tls_config"]}}
+    without = {"scheme": documented["scheme"], "tls_config": {"ca_file": str(pki.ca)}}
     sink = started(certfile=str(pki.server_cert), keyfile=str(pki.server_key), client_cafile=str(pki.ca))
     try:
         sink.on_step(step(1, mb(12, 5)), [])
         target = [f"{LOCAL}:{sink.port}"]
-        with_cert = {"scheme": "https", "tls_config": {
-            "ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}}
-        without = {"scheme": "https", "tls_config": {"ca_file": str(pki.ca)}}
         jobs, options = {"mm-mtls": target, "mm-nocert": target}, {"mm-mtls": with_cert, "mm-nocert": without}
         with PrometheusServer(jobs, job_options=options, rule_files=()) as prom:
+
             def up() -> dict[str, float]:
                 return {r["metric"]["job"]: float(r["value"][1]) for r in prom.query("up")}
 
@@ -362,6 +374,28 @@ def test_a_real_prometheus_scrapes_over_mutual_tls_with_the_documented_tls_confi
     finally:
         sink.close()
     assert sink.server is None and sink.scrapes >= 1
+
+
+def test_the_python_examples_of_the_docs_build_the_sinks_they_describe(monkeypatch):
+    import mask_monitor.sinks.prometheus as package
+
+    built: list[PrometheusSink] = []
+
+    class Recorded(PrometheusSink):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(package, "PrometheusSink", Recorded)  # what the examples import
+    for page in ("prometheus.md", "security.md"):
+        for block in doc_blocks(page, "python"):
+            exec(compile(block, f"docs/{page}", "exec"), {})  # builds callbacks and sinks; serves nothing
+    assert [(s.base_port, s.pushgateway_url, s.job, s.certfile, s.client_cafile) for s in built] == [
+        (9400, None, "mask_monitor", None, None),
+        (None, "http://pushgateway:9091", "sft-llama", None, None),
+        (9400, None, "mask_monitor", "/tls/tls.crt", "/tls/ca.crt"),
+        (9400, None, "mask_monitor", "/tls/server.crt", "/tls/ca.crt"),
+    ]
 
 
 def test_tls_settings_are_validated_and_bad_files_fail_before_training(pki, tmp_path):
