@@ -395,3 +395,23 @@ def test_an_explicit_sink_is_the_only_exporter_and_the_environment_fills_what_it
     sft(zephyr_tokenizer, rows(zephyr_tokenizer, "assistant", n=4), tmp_path, [cb, probe]).train()
     (env_sink,) = [s for s in cb.sinks.sinks if s.name == "prometheus"]
     assert (env_sink.base_port, env_sink.job) == (port, "from-env") and probe.seen[port][0] == 200
+
+
+def test_a_second_train_reopens_the_same_sink_and_keeps_counting(zephyr_tokenizer, tmp_path):
+    """The same callback and PrometheusSink through two train() calls (the second after an abort): the
+    endpoint is served again on the same port, and the counters only grow."""
+    port = free_port()
+    sink = PrometheusSink(port=port, addr=LOCAL, linger_seconds=0, env={})
+    cb = MaskMonitorCallback(sinks=[sink])
+    with pytest.raises(MaskMonitorAbort):
+        sft(zephyr_tokenizer, rows(zephyr_tokenizer, "all", n=2), tmp_path / "a", [cb], bs=2).train()
+    assert sink.server is None  # closed at the abort
+    probe = ScrapeAt(cb, 2)
+    sft(zephyr_tokenizer, rows(zephyr_tokenizer, "assistant", n=4), tmp_path / "b", [cb, probe]).train()
+    status, body = probe.seen[port]
+    assert status == 200 and b'mask_monitor_optimizer_steps_total{rank="0"} 3.0' in body  # 1 aborted + 2
+    value = sink.registry.get_sample_value
+    assert value("mask_monitor_optimizer_steps_total", {"rank": "0"}) == 1 + 4
+    assert value("mask_monitor_aborts_total", {"rank": "0", "reason": "all_masked"}) == 1
+    end = value("mask_monitor_train_end_timestamp_seconds", {"rank": "0"})
+    assert end is not None and end >= value("mask_monitor_train_start_timestamp_seconds", {"rank": "0"})
