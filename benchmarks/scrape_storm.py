@@ -5,7 +5,8 @@ One ``train()`` of a real ``transformers.Trainer`` (the ``tiny`` model of ``over
 little, so whatever the exporter costs shows), with ``MaskMonitorCallback(sinks=[PrometheusSink(...)])``
 serving on loopback. The run is cut into blocks of steps; each block has one scraping regime, and the
 regimes rotate round after round (round 1: A B C D E, round 2: B C D E A, ...) so that load from other
-processes and drift hit every regime alike. The first step of each block (the switch) is not counted.
+processes and drift hit every regime alike (use a multiple of 5 rounds). A first block warms up and is not
+reported; the first step of each block (the switch) is not counted.
 
 Regimes:
 
@@ -20,16 +21,19 @@ Regimes:
   same registry: the thread-per-connection server the exporter used before issue 15, for comparison.
 
 Reported first, the unit costs: CPU time of the exporter's serving thread per connection (idle, and a
-scrape served from the cache; plain and TLS) and per rendering of the exposition. Then, per regime: median
-step time (wall clock) and its ratio to ``none``, with a bootstrap 95 %
-interval; median process CPU time per step (all threads of the training process: its own share of a storm,
-blind to CPU stolen by other processes); the requests the endpoint answered per second; for the exporter's
-own server, renderings per second and its thread's CPU seconds per second.
+scrape served from the cache; plain and TLS) and per rendering of the exposition. Then, per regime: the
+median step time, and its ratio to ``none`` paired by round (median over rounds, bootstrap 95 % interval),
+on the wall clock and on the process CPU clock (CPU seconds of every thread of the training process per
+step: its own cost, blind to CPU that other processes take; on a shared machine the low-noise measure);
+the requests the endpoint answered per second; for the exporter's own server, renderings per second and
+its thread's CPU seconds per second. ``--pin`` puts training on one CPU and the clients on the others, as
+when scrapers run on other hosts.
 
 Run::
 
     python benchmarks/scrape_storm.py                      # 4 rounds of 5 regimes x 10 steps
-    python benchmarks/scrape_storm.py --rounds 6 --clients 4 --torch-threads 1
+    python benchmarks/scrape_storm.py --rounds 15 --block 8 --pin
+    python benchmarks/scrape_storm.py --rounds 15 --block 8 --clients 4 --torch-threads 2
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ class Load:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, regime: str) -> None:
-        if regime == "none":
+        if regime in ("none", "warmup"):
             return
         if regime == "normal":
             cmds = [[NORMAL_CLIENT, str(self.ports["plain"])]]
@@ -163,6 +167,7 @@ class Schedule(StepTimer):
         self.regime = "warmup"
         self.by_regime: dict[str, dict[str, list[float]]] = {}
         self.blocks: list[tuple[str, list[float]]] = []
+        self.cpu_blocks: list[tuple[str, list[float]]] = []
         self._mark: dict[str, float] = {}
 
     def on_step_begin(self, args, state, control, **kw):
@@ -174,6 +179,7 @@ class Schedule(StepTimer):
             self.load.start(self.regime)
             self._mark = {"t": time.perf_counter(), **{k: f() for k, f in self.probes.items()}}
             self.blocks.append((self.regime, []))
+            self.cpu_blocks.append((self.regime, []))
         super().on_step_begin(args, state, control, **kw)
 
     def on_step_end(self, args, state, control, **kw):
@@ -183,6 +189,7 @@ class Schedule(StepTimer):
             d["wall"].append(self.times[-1])
             d["cpu"].append(self.cpu_times[-1])
             self.blocks[-1][1].append(self.times[-1])
+            self.cpu_blocks[-1][1].append(self.cpu_times[-1])
         self.step += 1
 
     def _close_block(self) -> None:
@@ -305,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "renders/s": lambda: plain._exposition.renders + (secure._exposition.renders if secure else 0),
         "server CPU s/s": lambda: server_cpu(plain) + server_cpu(secure),
     }
-    order = [r for i in range(a.rounds) for r in regimes[i % len(regimes) :] + regimes[: i % len(regimes)]]
+    rotation = [r for i in range(a.rounds) for r in regimes[i % len(regimes) :] + regimes[: i % len(regimes)]]
+    order = ["warmup", *rotation]  # a first block to warm up, not reported
     cpus = sorted(os.sched_getaffinity(0))
     pinned = a.pin and len(cpus) >= 2
     load = Load(ports, tls[0] if tls else None, a.clients, set(cpus[1:]) if pinned else None)
@@ -346,34 +354,33 @@ def main(argv: list[str] | None = None) -> int:
         if "reference" in servers:
             servers["reference"].shutdown()
             servers["reference"].server_close()
-    base = schedule.by_regime["none"]
     print()
-    print(f"{'regime':<16} {'steps':>5} {'median step':>12} {'ratio':>7} {'per-round ratio [95% CI]':>25} "
-          f"{'CPU/step':>9} {'answered/s':>11} {'renders/s':>10} {'server CPU':>11}")  # fmt: skip
+    print(f"{'regime':<16} {'steps':>5} {'step (median)':>13} {'wall ratio [95% CI]':>22} {'CPU/step':>9} "
+          f"{'CPU ratio [95% CI]':>21} {'answered/s':>11} {'renders/s':>10} {'server CPU':>11}")  # fmt: skip
     for regime in regimes:
         d = schedule.by_regime.get(regime)
         if not d or not d["wall"]:
             continue
-        med = statistics.median(d["wall"])
-        ratio = med / statistics.median(base["wall"])
-        per_round = round_ratios(schedule.blocks, regimes, regime)
-        paired = statistics.median(per_round)
-        lo, hi = bootstrap_median(per_round)
-        cpu = statistics.median(d["cpu"])
+        wall = round_ratios(schedule.blocks[1:], regimes, regime)  # (blocks[0]: the warm-up)
+        cpu = round_ratios(schedule.cpu_blocks[1:], regimes, regime)
+        (wlo, whi), (clo, chi) = bootstrap_median(wall), bootstrap_median(cpu)
         target = {"storm-tls": "tls", "storm-reference": "reference"}.get(regime, "plain")
         rate = statistics.median(d.get(target, [0.0]))
         renders = statistics.median(d.get("renders/s", [0.0]))
         server = statistics.median(d.get("server CPU s/s", [0.0]))
         server_txt = f"{server:>10.3f}s" if regime != "storm-reference" else f"{'n/a':>11}"
-        print(f"{regime:<16} {len(d['wall']):>5} {med * 1000:>10.1f}ms {ratio:>7.2f} {paired:>9.2f} "
-              f"[{lo:>5.2f}, {hi:>5.2f}] {cpu * 1000:>7.1f}ms {rate:>11.1f} {renders:>10.2f} "
+        step_ms, cpu_ms = statistics.median(d["wall"]) * 1000, statistics.median(d["cpu"]) * 1000
+        print(f"{regime:<16} {len(d['wall']):>5} {step_ms:>11.1f}ms "
+              f"{statistics.median(wall):>6.2f} [{wlo:>5.2f}, {whi:>5.2f}] {cpu_ms:>7.1f}ms "
+              f"{statistics.median(cpu):>5.2f} [{clo:>5.2f}, {chi:>5.2f}] {rate:>11.1f} {renders:>10.2f} "
               f"{server_txt}")  # fmt: skip
     print()
-    print("ratio: median step time over the 'none' regime's (all steps pooled); per-round ratio: the median over")
-    print("rounds of (median step of the regime's block / median step of the same round's 'none' block), with a")
-    print("bootstrap 95% interval over rounds; CPU/step: process CPU seconds (all threads) per step;")
-    print("answered/s: responses of the targeted endpoint; server CPU: CPU seconds per second of the exporter's")
-    print("serving thread(s) (the reference server's threads are not measured: n/a).")
+    print("wall ratio / CPU ratio: the median over rounds of (median step time of the regime's block / median step")
+    print("time of the same round's 'none' block), on the wall clock and on the process CPU clock (CPU seconds of all")
+    print("threads of the training process per step: its own cost, blind to CPU taken by other processes), with a")
+    print("bootstrap 95% interval over rounds. answered/s: responses of the targeted endpoint; renders/s: renderings")
+    print("of the exposition; server CPU: CPU seconds per second of the exporter's serving thread(s) (the reference")
+    print("server's per-request threads are not measured: n/a).")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
