@@ -197,6 +197,10 @@ def test_hostile_clients_never_block_scrapes_training_or_the_end_of_train(kind, 
         attack.attackers.stop()
         if attack.prober is not None:
             attack.prober.join(15)
+    gap = max(b - a for a, b in zip(attack.step_ends, attack.step_ends[1:], strict=False))
+    print(f"\n[{kind}] connected {attack.attackers.connected}; fds, (python, os) threads: {attack.samples}; scrape "
+          f"{attack.probe.get('seconds', 0):.2f} s; max step gap {gap:.2f} s; train() returned "
+          f"{returned - attack.step_ends[-1]:.2f} s after the last step")  # fmt: skip
     assert sum(attack.attackers.connected) >= 200  # the attack was real: the connects went through
     assert out.global_step == 16 and len(attack.step_ends) == 16
     # no step waited on a client (pace 0.15 s, a tiny model: well under a second a step on an idle machine;
