@@ -19,13 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 from prom_server import MISSING_PROMETHEUS, PROMETHEUS, PrometheusServer
+from prometheus_client import CollectorRegistry, Counter
 from tls_pki import MISSING_OPENSSL, OPENSSL, Pki, make_pki
 
 from mask_monitor.config import ENVIRONMENT, ConfigError
 from mask_monitor.errors import MaskMonitorAbort
 from mask_monitor.reports import RunInfo, StepReport, Totals
 from mask_monitor.sinks.base import SinkConfigError
-from mask_monitor.sinks.prometheus import PrometheusSink, settings
+from mask_monitor.sinks.prometheus import ExpositionCache, PrometheusSink, settings
+from mask_monitor.sinks.prometheus import server as server_module
 from mask_monitor.sinks.prometheus.server import MAX_EVENTS, MAX_REQUEST_BYTES
 
 LOCAL = "127.0.0.1"
@@ -153,12 +155,12 @@ def test_the_linger_counts_only_scrapes_that_carried_the_final_values():
     sink = started(linger_seconds=10)
     try:
         sink.on_step(step(1, mb(8, 4)), [])
-        get(sink.port)  # renders the exposition before the abort (cached for up to a second)
+        get(sink.port)  # renders the exposition before the abort (cached for up to half a second)
         seen: list[float] = []
         started_at: list[float] = []
 
         def scraper() -> None:
-            for pause in (0.5, 0.6, 0.4):
+            for pause in (0.1, 0.6, 0.4):
                 time.sleep(pause)
                 started_at.append(time.monotonic())
                 body = get(sink.port)[2].decode()
@@ -170,7 +172,7 @@ def test_the_linger_counts_only_scrapes_that_carried_the_final_values():
         sink.on_abort(MaskMonitorAbort("all_masked", step=2), step(2, mb(8, 0)))
         returned = time.monotonic()
         th.join()
-        # scrape 1 (0.5 s) got the cached pre-abort body; scrapes 2 and 3 (after 1 s) the final values
+        # scrape 1 (0.1 s) got the cached pre-abort body; scrapes 2 and 3 (0.7 s, 1.1 s) the final values
         assert seen == [0.0, 1.0, 1.0]
         assert returned > started_at[2]  # the linger ended with the third scrape, not the second
         assert returned - started_at[2] < 2
@@ -181,17 +183,40 @@ def test_the_linger_counts_only_scrapes_that_carried_the_final_values():
 # --------------------------------------------------------------------------- the cached exposition
 
 
-def test_a_storm_of_scrapes_renders_once_per_change_and_at_most_once_per_second():
+def test_the_exposition_cache_renders_at_most_once_per_interval_and_only_after_a_change():
+    registry, version, clock = CollectorRegistry(), [0], [100.0]
+    Counter("demo_events", "Demo.", registry=registry).inc()
+    cache = ExpositionCache(registry, lambda: version[0], min_interval=0.5, exclusive=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server_module.time, "monotonic", lambda: clock[0])
+        body, ctype, v = cache.get()
+        assert (cache.renders, v, ctype.startswith("text/plain")) == (1, 0, True)
+        clock[0] += 10
+        assert cache.get()[0] is body and cache.renders == 1  # exclusive, unchanged: never rendered again
+        version[0] = 1
+        assert cache.get()[2] == 1 and cache.renders == 2  # changed, last rendered 10 s ago: rendered
+        version[0] = 2
+        clock[0] += 0.1
+        assert cache.get()[2] == 1 and cache.renders == 2  # changed again, but rendered 0.1 s ago: cached
+        clock[0] += 0.4
+        assert cache.get()[2] == 2 and cache.renders == 3  # 0.5 s after the last rendering: rendered
+        assert cache.get("application/openmetrics-text")[1].startswith("application/openmetrics-text")
+        assert cache.renders == 4  # the other encoding has its own cache entry
+        shared = ExpositionCache(registry, lambda: version[0], min_interval=0.5)  # a registry shared with others
+        shared.get()
+        clock[0] += 0.5
+        shared.get()
+        assert shared.renders == 2  # unchanged version, but other collectors may have changed: every 0.5 s
+
+
+def test_a_storm_of_scrapes_between_two_steps_renders_once():
     sink = started(connections_per_second=1000)  # (the default accept rate would space these scrapes out)
     try:
         bodies = [get(sink.port)[2] for _ in range(30)]
         assert sink._exposition.renders == 1 and len(set(bodies)) == 1  # nothing changed: rendered once
         sink.on_step(step(1, mb(10, 4)), [])
-        assert b"mask_monitor_target_tokens_total{rank=\"0\"} 0.0" in get(sink.port)[2]  # cached, < 1 s old
-        assert sink._exposition.renders == 1
-        time.sleep(1.05)
+        time.sleep(0.55)
         assert b"mask_monitor_target_tokens_total{rank=\"0\"} 10.0" in get(sink.port)[2]
-        assert sink._exposition.renders == 2
         for _ in range(20):
             get(sink.port)
         assert sink._exposition.renders == 2

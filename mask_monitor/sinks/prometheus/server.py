@@ -17,9 +17,9 @@ nothing a client does may block, slow or crash training. The design, and what bo
   ``max_connections``). Every unit of work the thread does (accept, handshake, read, render, write) belongs
   to an accepted connection, so this bounds the GIL time a storm of clients can take from training; the
   excess waits in the kernel's backlog, costing the process nothing.
-* **The exposition is rendered at most once per second**, and only when the exported values changed
-  since (see :class:`ExpositionCache`); every other request is served the cached bytes, so a storm of
-  scrapes costs one rendering per second at most, not one per request.
+* **The exposition is rendered at most twice per second**, and only when the exported values changed
+  since (see :class:`ExpositionCache`); every other request is served the cached bytes (at most half a
+  second old), so a storm of scrapes costs two renderings per second at most, not one per request.
 * **Only ``GET``/``HEAD /metrics``** is served (query strings ignored); any other path is 404, any other
   method 405, a malformed request 400, an oversized request line 414 or header block 431, another HTTP
   version 505. Only a complete ``GET /metrics`` answered 200 counts as a scrape (see ``on_scrape``).
@@ -87,9 +87,9 @@ _REASONS = {
 class ExpositionCache:
     """The registry rendered at most once per ``min_interval`` seconds, and only when asked.
 
-    Between renders every request gets the cached bytes (at most ``min_interval`` old), so a storm of
-    scrapes costs at most one rendering per second, not one per request; nothing is rendered while nobody
-    scrapes. With ``exclusive`` (the registry holds only the values behind ``version()``), a body is also
+    Between renders every request gets the cached bytes (at most ``min_interval`` old: half a second by
+    default, so scrapes a second apart never share a stale body), so a storm of scrapes costs at most two
+    renderings per second, not one per request; nothing is rendered while nobody scrapes. With ``exclusive`` (the registry holds only the values behind ``version()``), a body is also
     kept as long as the version has not changed: no rendering at all while the values stand still.
     Each body carries the ``version()`` read before it was rendered (its values are at least that new), so
     the abort linger can count only scrapes that carried the final values. Two encodings, chosen by the
@@ -98,7 +98,7 @@ class ExpositionCache:
     """
 
     def __init__(
-        self, registry: Any, version: Callable[[], int], min_interval: float = 1.0, exclusive: bool = False
+        self, registry: Any, version: Callable[[], int], min_interval: float = 0.5, exclusive: bool = False
     ) -> None:
         self.registry = registry
         self._version = version
