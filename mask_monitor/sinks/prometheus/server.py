@@ -89,8 +89,9 @@ class ExpositionCache:
 
     Between renders every request gets the cached bytes (at most ``min_interval`` old: half a second by
     default, so scrapes a second apart never share a stale body), so a storm of scrapes costs at most two
-    renderings per second, not one per request; nothing is rendered while nobody scrapes. With ``exclusive`` (the registry holds only the values behind ``version()``), a body is also
-    kept as long as the version has not changed: no rendering at all while the values stand still.
+    renderings per second, not one per request; nothing is rendered while nobody scrapes. With
+    ``exclusive`` (the registry holds only the values behind ``version()``), a body is also kept as long as
+    the version has not changed: no rendering at all while the values stand still.
     Each body carries the ``version()`` read before it was rendered (its values are at least that new), so
     the abort linger can count only scrapes that carried the final values. Two encodings, chosen by the
     request's ``Accept`` header: OpenMetrics 1.0.0 when the client asks for it (Prometheus does), else the
