@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from transformers import TrainerCallback
@@ -63,20 +64,17 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             (``all_masked="abort"``, ``prompt_leakage_threshold=0.1``, ...). Unset values fall back to
             ``MASK_MONITOR_<FIELD>`` environment variables, then to the defaults.
         strict: shorthand for ``all_masked_micro_batch="abort"`` (abort on any all-masked micro-batch).
-        sinks: extra :class:`~mask_monitor.sinks.Sink` objects to receive the reports.
+        sinks: extra :class:`~mask_monitor.sinks.Sink` objects to receive the reports, e.g.
+            ``[PrometheusSink(port=9400)]`` (:mod:`mask_monitor.sinks.prometheus`).
         template: ``"auto"`` (detect from the trainer's tokenizer), a ``ChatTemplate``, or None (off).
         tokenizer: tokenizer used for template detection and for decoding evidence (defaults to the
             trainer's ``processing_class``).
-        prometheus_port: base port of the per-rank Prometheus endpoint (rank r serves base + ``LOCAL_RANK``).
-            Prometheus export is off unless a port or a gateway is given here or by
-            ``MASK_MONITOR_PROMETHEUS_PORT`` / ``MASK_MONITOR_PUSHGATEWAY_URL``.
-        prometheus_addr: address the endpoint binds (default ``0.0.0.0``).
-        prometheus_certfile: serve the endpoint over HTTPS with this certificate.
-        prometheus_keyfile: the key of that certificate.
-        pushgateway_url: push the metrics to this Pushgateway.
-        prometheus_job: the ``job`` grouping key of pushed metrics.
-        prometheus_linger_seconds: how long an aborting run keeps serving its final metrics.
-        prometheus_aggregate: export exact job-wide totals from rank 0 only (``rank="all"``; 512+ ranks).
+        prometheus_port, prometheus_addr, prometheus_certfile, prometheus_keyfile, pushgateway_url,
+        prometheus_job, prometheus_linger_seconds, prometheus_aggregate: deprecated (one FutureWarning
+            naming the equivalent): pass ``sinks=[PrometheusSink(port=..., addr=..., ...)]`` instead. Without
+            a ``PrometheusSink`` in ``sinks``, ``MASK_MONITOR_PROMETHEUS_PORT`` /
+            ``MASK_MONITOR_PUSHGATEWAY_URL`` still turn an exporter on; with one, the environment only fills
+            the settings that sink left unset.
         wandb: whether the callback adds a :class:`~mask_monitor.sinks.wandb.WandbSink` by itself: ``None``
             (default) when a W&B run is active at train begin, ``True`` always (a missing or disabled wandb
             is one warning), ``False`` never. A ``WandbSink`` given in ``sinks`` is the one used (then
@@ -131,6 +129,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         if wandb is False and any(getattr(s, "name", None) == "wandb" for s in self._user_sinks):
             raise ConfigError("MaskMonitorCallback(wandb=False) contradicts the WandbSink given in sinks=[...]: "
                               "drop one of them")
+        _deprecated_prometheus_arguments(self._prom_settings, self._user_sinks)
         self._wandb_setting = wandb
         self.info = RunInfo(version=__version__)
         self.findings: dict[str, int] = {}
@@ -279,21 +278,26 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             )
 
     def _setup_sinks(self) -> None:
-        try:
-            from .sinks.prometheus import PrometheusSink
-        except ImportError as exc:  # prometheus-client is an extra: mask-monitor[prometheus]
-            PrometheusSink = None  # noqa: N806
-            wanted = [f"{arg}={self._prom_settings[k]}" for k, arg in (("port", "prometheus_port"),
-                      ("pushgateway_url", "pushgateway_url")) if self._prom_settings[k] is not None]
-            wanted += [f"{k}={os.environ[k].strip()}" for k in ("MASK_MONITOR_PROMETHEUS_PORT",
-                       "MASK_MONITOR_PUSHGATEWAY_URL") if os.environ.get(k, "").strip()]
-            if wanted:
-                self._warn_once(
-                    "prometheus", "mask-monitor: Prometheus export asked for (%s) but unavailable (%s); "
-                    "pip install 'mask-monitor[prometheus]'. Training goes on without it.", ", ".join(wanted), exc,
-                )
-            else:
-                logger.debug("mask-monitor: Prometheus sink unavailable: %r", exc)
+        # A PrometheusSink given in `sinks` is the exporter (it reads the environment for what it left unset);
+        # otherwise the deprecated prometheus_* arguments and MASK_MONITOR_PROMETHEUS_* may ask for one.
+        PrometheusSink = None  # noqa: N806
+        if not any(isinstance(s, Sink) and s.name == "prometheus" for s in self._user_sinks):
+            try:
+                from .sinks.prometheus import PrometheusSink
+            except ImportError as exc:  # prometheus-client is an extra: mask-monitor[prometheus]
+                PrometheusSink = None  # noqa: N806
+                wanted = [f"{arg}={self._prom_settings[k]}" for k, arg in (("port", "prometheus_port"),
+                          ("pushgateway_url", "pushgateway_url")) if self._prom_settings[k] is not None]
+                wanted += [f"{k}={os.environ[k].strip()}" for k in ("MASK_MONITOR_PROMETHEUS_PORT",
+                           "MASK_MONITOR_PUSHGATEWAY_URL") if os.environ.get(k, "").strip()]
+                if wanted:
+                    self._warn_once(
+                        "prometheus", "mask-monitor: Prometheus export asked for (%s) but unavailable (%s); "
+                        "pip install 'mask-monitor[prometheus]'. Training goes on without it.", ", ".join(wanted),
+                        exc,
+                    )
+                else:
+                    logger.debug("mask-monitor: Prometheus sink unavailable: %r", exc)
         if PrometheusSink is not None:
             try:
                 sink = PrometheusSink.from_settings(**self._prom_settings)
@@ -613,6 +617,39 @@ _DROP_REASONS = {
     "no_response": "with no supervised label at all",
     "truncated_away": "whose supervised labels max_length cut off",
 }
+
+
+_PROMETHEUS_ARGUMENTS = {
+    "port": "prometheus_port",
+    "addr": "prometheus_addr",
+    "certfile": "prometheus_certfile",
+    "keyfile": "prometheus_keyfile",
+    "pushgateway_url": "pushgateway_url",
+    "job": "prometheus_job",
+    "linger_seconds": "prometheus_linger_seconds",
+    "aggregate": "prometheus_aggregate",
+}
+
+
+def _deprecated_prometheus_arguments(settings: Mapping[str, Any], sinks: list[Sink]) -> None:
+    """One FutureWarning naming the equivalent ``PrometheusSink(...)`` for the flat ``prometheus_*`` arguments;
+    a ValueError when a ``PrometheusSink`` is given as well (two exporters, or one configured twice)."""
+    given = {k: v for k, v in settings.items() if v is not None and v is not False}
+    if not given:
+        return
+    flat = ", ".join(f"{_PROMETHEUS_ARGUMENTS[k]}={v!r}" for k, v in given.items())
+    sink = "PrometheusSink(" + ", ".join(f"{k}={v!r}" for k, v in given.items()) + ")"
+    if any(isinstance(s, Sink) and s.name == "prometheus" for s in sinks):
+        raise ConfigError(
+            f"MaskMonitorCallback({flat}) configures a Prometheus exporter, and sinks= holds a PrometheusSink "
+            f"already: move these settings into it, {sink}"
+        )
+    warnings.warn(
+        f"MaskMonitorCallback({flat}) is deprecated: pass the exporter as a sink, "
+        f"MaskMonitorCallback(sinks=[{sink}]) (from mask_monitor.sinks.prometheus import PrometheusSink)",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def _accumulation(trainer: Any) -> int:

@@ -120,6 +120,9 @@ ENVIRONMENT: dict[str, str] = {
     "MASK_MONITOR_PUSHGATEWAY_URL": "push the metrics to this Pushgateway",
     "MASK_MONITOR_PROMETHEUS_JOB": "the job grouping key of pushed metrics",
     "MASK_MONITOR_PROMETHEUS_LINGER_SECONDS": "how long an aborting run keeps serving its final metrics",
+    "MASK_MONITOR_PROMETHEUS_MAX_CONNECTIONS": "connections the Prometheus endpoint keeps open at once (default 8)",
+    "MASK_MONITOR_PROMETHEUS_TIMEOUT_SECONDS": "seconds one connection to the endpoint may take in all (default 5)",
+    "MASK_MONITOR_PROMETHEUS_CONNECTIONS_PER_SECOND": "connections the endpoint accepts per second (default 20)",
     "MASK_MONITOR_VERBOSITY": "log level of the mask_monitor logger (debug, info, warning, error)",
     "MASK_MONITOR_DEBUG": "the CLI prints full tracebacks",
 }

@@ -137,7 +137,9 @@ class Pushgateway(_Server):
 
 
 class PrometheusServer(_Server):
-    """Prometheus with the project's rules, scraping ``jobs`` (job name -> targets) every second."""
+    """Prometheus with the project's rules, scraping ``jobs`` (job name -> targets) every second.
+
+    ``job_options`` adds settings to a job's scrape config (e.g. ``scheme`` and ``tls_config``)."""
 
     def __init__(
         self,
@@ -145,12 +147,16 @@ class PrometheusServer(_Server):
         *,
         pushgateway: Pushgateway | None = None,
         rule_files: Iterable[Path] = (RULES,),
+        job_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if PROMETHEUS is None:
             raise RuntimeError(MISSING_PROMETHEUS)
         self.tmp = tempfile.TemporaryDirectory(prefix="mm-prometheus-")
         root = Path(self.tmp.name)
-        scrape = [{"job_name": job, "static_configs": [{"targets": list(targets)}]} for job, targets in jobs.items()]
+        scrape = [
+            {"job_name": job, **(job_options or {}).get(job, {}), "static_configs": [{"targets": list(targets)}]}
+            for job, targets in jobs.items()
+        ]
         if pushgateway is not None:
             scrape.append(
                 {

@@ -34,7 +34,7 @@ from trainer_utils import dataset, expected_counts, rows, tiny_llama
 from transformers import TrainerCallback
 
 from mask_monitor import MaskMonitorAbort, MaskMonitorCallback
-from mask_monitor.sinks.prometheus import COUNTERS
+from mask_monitor.sinks.prometheus import COUNTERS, PrometheusSink
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -149,19 +149,19 @@ def live(zephyr_tokenizer, tmp_path_factory) -> Live:
 
         # 1. healthy: prompts masked, responses supervised; 2 epochs of 8 steps
         examples = rows(tok, "assistant")
-        cb = MaskMonitorCallback(prometheus_port=healthy_port, prometheus_addr="127.0.0.1", prometheus_linger_seconds=5)
+        cb = MaskMonitorCallback(sinks=[PrometheusSink(port=healthy_port, addr="127.0.0.1", linger_seconds=5)])
         sft(tok, examples, tmp / "healthy", [cb, WaitScraped(prom, "mm-healthy"), Pace(0.25)], epochs=2).train()
         live.summaries["healthy"], live.examples["healthy"] = cb.summary(), examples
 
         # 2. every label -100: aborts at step 1 and lingers until scraped twice (at most 5 s)
         examples = rows(tok, "all")
-        cb = MaskMonitorCallback(prometheus_port=abort_port, prometheus_addr="127.0.0.1", prometheus_linger_seconds=5)
+        cb = MaskMonitorCallback(sinks=[PrometheusSink(port=abort_port, addr="127.0.0.1", linger_seconds=5)])
         with pytest.raises(MaskMonitorAbort) as err:
             sft(tok, examples, tmp / "abort", [cb], bs=2).train()
         live.summaries["abort"], live.examples["abort"], live.errors["abort"] = cb.summary(), examples, err.value
 
         # 3. the same abort through the Pushgateway only (no endpoint, no linger)
-        cb = MaskMonitorCallback(pushgateway_url=gw.url, prometheus_job="mm-push")
+        cb = MaskMonitorCallback(sinks=[PrometheusSink(pushgateway_url=gw.url, job="mm-push")])
         with pytest.raises(MaskMonitorAbort) as err:
             sft(tok, examples, tmp / "push", [cb], bs=2).train()
         live.summaries["push"], live.errors["push"] = cb.summary(), err.value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import socket
 import ssl
@@ -118,6 +119,17 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
+
+
+def wait_until(predicate, what: str, timeout: float = 5.0):
+    """Poll ``predicate()`` until it returns something truthy (then return it); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------- counters, histogram, gauges
@@ -408,7 +420,10 @@ def test_taken_port_is_one_clear_error_naming_port_and_setting():
         with pytest.raises(SinkConfigError) as err:
             sink.on_train_begin(info())
         assert f"port {port} is already in use" in str(err.value)
-        assert f"prometheus_port={port}" in str(err.value)
+        assert f"set by PrometheusSink(port={port})" in str(err.value)
+        flat = PrometheusSink.from_settings(port=port, addr="127.0.0.1", env={})  # the callback's deprecated args
+        with pytest.raises(SinkConfigError, match=f"set by prometheus_port={port};"):
+            flat.on_train_begin(info())
         env_sink = PrometheusSink.from_settings(
             env={"MASK_MONITOR_PROMETHEUS_PORT": str(port - 1), "MASK_MONITOR_PROMETHEUS_ADDR": "127.0.0.1"}
         )
@@ -509,6 +524,7 @@ def test_normal_end_waits_for_one_scrape_only_when_someone_scrapes():
     try:
         sink.on_train_begin(info())
         scrape(f"http://127.0.0.1:{sink.port}/metrics")
+        wait_until(lambda: sink.scrapes == 1, "the scrape to be counted (after its last byte was sent)")
         t = time.monotonic()
         sink.on_train_end({})  # scraped before, nobody scrapes now: waits, bounded by the linger
         assert 1.0 <= time.monotonic() - t < 3
@@ -526,13 +542,13 @@ def test_pushes_at_log_end_and_abort_grouped_by_job_instance_rank():
         sink.on_train_begin(info(rank=3, local_rank=1, world=4))
         sink.on_step(report(1, 3, [[], [], [], [mb(10, 4)]]), [])
         assert "mask_monitor_target_tokens_total" not in gw.metrics()  # nothing pushed before a log step
-        sink.on_log(window(1))
+        sink.on_log(window(1))  # asks the background worker for a push; returns at once
         group = (("instance", socket.gethostname()), ("job", "sft-job"), ("rank", "3"))
-        got = samples(gw.metrics())
-        assert got[("mask_monitor_target_tokens_total", group)] == 10
+        got = wait_until(lambda: samples(gw.metrics()).get(("mask_monitor_target_tokens_total", group)), "a push")
+        assert got == 10
         sink.on_step(report(2, 3, [[], [], [], [mb(6, 0, loss=0.0)]]), [])
         sink.on_abort(MaskMonitorAbort("all_masked", step=2), report(2, 3, [[], [], [], [mb(6, 0, loss=0.0)]]))
-        got = samples(gw.metrics())
+        got = samples(gw.metrics())  # on_abort waits for the final push (bounded by push_timeout)
         assert got[("mask_monitor_target_tokens_total", group)] == 16
         assert got[("mask_monitor_aborts_total", (*group[:2], ("rank", "3"), ("reason", "all_masked")))] == 1
         sink.close()
@@ -547,17 +563,29 @@ def test_pushes_at_log_end_and_abort_grouped_by_job_instance_rank():
         assert ("mask_monitor_train_end_timestamp_seconds", key) in got
 
 
-def test_gateway_down_is_one_warning_and_training_goes_on(registry, caplog):
+def test_gateway_down_warns_at_once_then_sums_up_at_the_end(registry, caplog):
+    """A gateway that refuses connections: one warning at the first failure, none for the failures that follow
+    within the warning interval, one at the end whose counts add up (4 pushes asked for: 3 logs + the final)."""
     dead = f"http://127.0.0.1:{free_port()}"
-    sink = PrometheusSink(pushgateway_url=dead, registry=registry, push_timeout=1)
+    sink = PrometheusSink(pushgateway_url=dead, registry=registry, push_timeout=1, env={})
     sink.on_train_begin(info())
     with caplog.at_level(logging.DEBUG, logger="mask_monitor"):
         for step in (1, 2, 3):
             sink.on_step(report(step, 0, [[mb(10, 4)]]), [])
             sink.on_log(window(step))
+        t = time.monotonic()
         sink.on_train_end({})
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "Pushgateway" in r.getMessage()]
-    assert len(warnings) == 1 and dead in warnings[0].getMessage()
-    assert "training goes on" in warnings[0].getMessage()
-    assert len([r for r in caplog.records if r.levelno == logging.DEBUG and "push to" in r.getMessage()]) == 3
+        assert time.monotonic() - t < 1.5  # bounded by push_timeout
+        sink.close()
+    warnings = [m for r in caplog.records if r.levelno == logging.WARNING and "Pushgateway" in (m := r.getMessage())]
+    assert len(warnings) == 2, warnings
+    assert dead in warnings[0] and "training goes on" in warnings[0] and "Connection refused" in warnings[0]
+    counts = re.search(
+        r"of (\d+) pushes asked for in this run, (\d+) were pushed, (\d+) failed, (\d+) were skipped .* and (\d+) are "
+        r"unfinished", warnings[1]
+    )
+    assert counts, warnings[1]
+    requested, pushed, failed, skipped, unfinished = map(int, counts.groups())
+    assert (requested, pushed, unfinished) == (4, 0, 0) and failed + skipped == 4 and failed >= 1
+    assert "the final (end) push" in warnings[1] and "failed (URLError" in warnings[1]
     assert value(registry, "mask_monitor_target_tokens_total", rank="0") == 30  # the sink kept counting

@@ -26,6 +26,7 @@ from trainer_utils import exit_worker, rows, tiny_llama  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from mask_monitor import MaskMonitorCallback  # noqa: E402
+from mask_monitor.sinks.prometheus import PrometheusSink  # noqa: E402
 
 FIXTURES = HERE.parents[2] / "shared" / "fixtures"
 
@@ -59,11 +60,8 @@ def main() -> NoReturn:
     rank = int(os.environ["RANK"])
     tok = AutoTokenizer.from_pretrained(FIXTURES / "tokenizers" / "TinyLlama-1.1B-Chat-v1.0__composed")
     tok.pad_token = tok.pad_token or tok.unk_token
-    cb = MaskMonitorCallback(
-        prometheus_port=base_port,
-        prometheus_addr="127.0.0.1",
-        prometheus_linger_seconds=float(os.environ.get("LINGER", "5")),
-    )
+    sink = PrometheusSink(port=base_port, addr="127.0.0.1", linger_seconds=float(os.environ.get("LINGER", "5")))
+    cb = MaskMonitorCallback(sinks=[sink])
     config = trl.SFTConfig(
         output_dir=str(out_dir / "out"),
         per_device_train_batch_size=1,
