@@ -150,7 +150,8 @@ def test_wheel_ships_py_typed_and_declares_the_extras(tmp_path: Path):
     (wheel,) = (tmp_path / "dist").glob("mask_monitor-*.whl")
     names, meta = _metadata(wheel)
     assert "mask_monitor/py.typed" in names
-    assert "mask_monitor/templates/__init__.py" in names and "mask_monitor/sinks/prometheus.py" in names
+    assert {"mask_monitor/templates/__init__.py", "mask_monitor/sinks/prometheus/sink.py",
+            "mask_monitor/sinks/wandb/sink.py"} <= set(names)
     extras = {line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
     assert {"prometheus", "wandb", "report", "trl", "audit", "all", "docs", "test", "dev"} <= extras
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
