@@ -69,12 +69,17 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         template: ``"auto"`` (detect from the trainer's tokenizer), a ``ChatTemplate``, or None (off).
         tokenizer: tokenizer used for template detection and for decoding evidence (defaults to the
             trainer's ``processing_class``).
-        prometheus_port, prometheus_addr, prometheus_certfile, prometheus_keyfile, pushgateway_url,
-        prometheus_job, prometheus_linger_seconds, prometheus_aggregate: deprecated (one FutureWarning
-            naming the equivalent): pass ``sinks=[PrometheusSink(port=..., addr=..., ...)]`` instead. Without
-            a ``PrometheusSink`` in ``sinks``, ``MASK_MONITOR_PROMETHEUS_PORT`` /
-            ``MASK_MONITOR_PUSHGATEWAY_URL`` still turn an exporter on; with one, the environment only fills
-            the settings that sink left unset.
+        prometheus_port: deprecated, like every ``prometheus_*`` argument below (one FutureWarning naming
+            the equivalent): pass ``sinks=[PrometheusSink(port=..., ...)]`` instead. Without a
+            ``PrometheusSink`` in ``sinks``, ``MASK_MONITOR_PROMETHEUS_PORT`` / ``MASK_MONITOR_PUSHGATEWAY_URL``
+            still turn an exporter on; with one, the environment only fills the settings it left unset.
+        prometheus_addr: deprecated: ``PrometheusSink(addr=...)``.
+        prometheus_certfile: deprecated: ``PrometheusSink(certfile=...)``.
+        prometheus_keyfile: deprecated: ``PrometheusSink(keyfile=...)``.
+        pushgateway_url: deprecated: ``PrometheusSink(pushgateway_url=...)``.
+        prometheus_job: deprecated: ``PrometheusSink(job=...)``.
+        prometheus_linger_seconds: deprecated: ``PrometheusSink(linger_seconds=...)``.
+        prometheus_aggregate: deprecated: ``PrometheusSink(aggregate=...)``.
         wandb: whether the callback adds a :class:`~mask_monitor.sinks.wandb.WandbSink` by itself: ``None``
             (default) when a W&B run is active at train begin, ``True`` always (a missing or disabled wandb
             is one warning), ``False`` never. A ``WandbSink`` given in ``sinks`` is the one used (then
