@@ -324,10 +324,10 @@ class MaskAuditor:
         """This rank's micro-batch vectors ``(n, len(FIELDS))`` on one device (row chunks merged)."""
         vectors = [v.to(device=device, dtype=dtype) for v in pending]  # DataParallel: vectors on N devices
         if any(p is not None for p in parts):
-            order: list[Hashable] = []
-            groups: dict[Hashable, list[int]] = {}
+            order: list[tuple[str, Hashable]] = []
+            groups: dict[tuple[str, Hashable], list[int]] = {}
             for i, p in enumerate(parts):
-                key = ("solo", i) if p is None else ("part", p)
+                key: tuple[str, Hashable] = ("solo", i) if p is None else ("part", p)
                 if key not in groups:
                     order.append(key)
                     groups[key] = []
@@ -367,7 +367,7 @@ class MaskAuditor:
                                for i, h in enumerate(heads))
             failures = failures + [(me, f"the shards of one step differ across the sequence group ({shapes})")]
             ok = False
-        if not ok:
+        if not ok or block is None:  # block is None only on a rank whose own step already failed
             failures = exchange_failures(failures, group)
             empty = torch.zeros((0, mb.shape[1]), dtype=mb.dtype, device=mb.device)
             return empty, (FAILED if status == FAILED else PEER_FAILED), failures

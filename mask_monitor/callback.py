@@ -117,7 +117,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
         self._user_sinks: list[Sink] = list(sinks)
         self.sinks = SinkGroup([LoggingSink(), *self._user_sinks])
         self.template_setting = template
-        self.template = None
+        self.template: Any = None  # the ChatTemplate in use (after train begin), or None
         self.tokenizer = tokenizer
         self._prom_settings = {
             "port": prometheus_port,
@@ -285,7 +285,7 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
     def _setup_sinks(self) -> None:
         # A PrometheusSink given in `sinks` is the exporter (it reads the environment for what it left unset);
         # otherwise the deprecated prometheus_* arguments and MASK_MONITOR_PROMETHEUS_* may ask for one.
-        PrometheusSink = None  # noqa: N806
+        PrometheusSink: Any = None  # noqa: N806
         if not any(isinstance(s, Sink) and s.name == "prometheus" for s in self._user_sinks):
             try:
                 from .sinks.prometheus import PrometheusSink

@@ -69,9 +69,11 @@ def trainer_groups(trainer: Any) -> tuple[Any, Any, str]:
 
 def _deepspeed_ulysses(trainer: Any, sp: int) -> tuple[Any, Any]:
     """DeepSpeed's sequence group, and the ranks holding the same shard position in theirs (data-parallel)."""
-    mpu = getattr(getattr(trainer, "model_wrapped", None), "mpu", None)
+    mpu: Any = getattr(getattr(trainer, "model_wrapped", None), "mpu", None)
     if mpu is None:
-        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu  # noqa: N813
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+        mpu = parallel_state_sp
     seq = mpu.get_sequence_parallel_group()
     world, rank = dist.get_world_size(), dist.get_rank()
     if world == sp:

@@ -466,12 +466,12 @@ class MetricsServer:
             if name.strip().lower() == b"accept":
                 accept = value.decode("latin-1")
         try:
-            body, ctype, version = self.exposition.get(accept)
+            body, ctype, values_version = self.exposition.get(accept)
         except Exception as exc:  # noqa: BLE001 - e.g. a user's collector added to the registry failed
             self.stats["errors"] += 1
             logger.debug("mask-monitor: rendering the metrics failed: %r", exc)
             return 500, b"rendering the metrics failed\n", "text/plain", None, True
-        return 200, body, ctype, None if head_only else version, not head_only
+        return 200, body, ctype, None if head_only else values_version, not head_only
 
     def _respond(self, conn: _Conn, answer: tuple[int, bytes, str, int | None, bool]) -> None:
         status, body, ctype, scrape, send_body = answer

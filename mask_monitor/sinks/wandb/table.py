@@ -73,8 +73,9 @@ def token_statuses(
     def t(x: list[int] | None) -> torch.Tensor | None:
         return torch.tensor([x], dtype=torch.long) if x is not None else None
 
-    codes = slot_status(t(labels), shift_labels=t(shift_labels), attention_mask=t(attention_mask),
-                        position_ids=t(position_ids), roles=t(roles), ignore_index=ignore_index)
+    codes = slot_status(torch.tensor([labels], dtype=torch.long), shift_labels=t(shift_labels),
+                        attention_mask=t(attention_mask), position_ids=t(position_ids), roles=t(roles),
+                        ignore_index=ignore_index)
     return [SLOT_STATUSES[c] for c in codes[0].tolist()]
 
 
