@@ -46,7 +46,9 @@ __all__ = [
     "ROLE_ASSISTANT_HEADER",
     "ROLE_ASSISTANT_CONTENT",
     "ROLE_END_OF_TURN",
+    "ROLE_SEPARATOR",
     "ROLE_NAMES",
+    "ANSWER_ROLES",
     "UnsupportedBatch",
     "SEQUENCE_FIELDS",
     "SLOT_STATUSES",
@@ -64,8 +66,11 @@ ROLE_SYSTEM = 1
 ROLE_USER = 2
 ROLE_ASSISTANT_HEADER = 3
 ROLE_ASSISTANT_CONTENT = 4
-ROLE_END_OF_TURN = 5  # the end-of-turn token(s) closing an *assistant* turn
-ROLE_NAMES = ("other", "system", "user", "assistant_header", "assistant_content", "end_of_turn")
+ROLE_END_OF_TURN = 5  # the end-of-turn token closing an *assistant* turn, and what follows it in that turn
+ROLE_SEPARATOR = 6  # text that closes an assistant turn without a token of its own (Falcon's "\n" before "User:")
+ROLE_NAMES = ("other", "system", "user", "assistant_header", "assistant_content", "end_of_turn", "separator")
+#: Roles that belong to an assistant answer: supervising them is not prompt leakage.
+ANSWER_ROLES = (ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_SEPARATOR)
 
 _FIRST_MAX = len(SUM_FIELDS)  # max-reduced columns come last (counters.py orders them so)
 
@@ -152,13 +157,94 @@ def _slots(
 
 def _role_masks(role_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slots predicting: assistant content; the first token of an assistant end of turn; an assistant
-    header; any part of an assistant answer (content, end of turn, header: supervising anything else is
-    prompt leakage; headers are counted apart, see ``supervised_header_tokens``)."""
+    header; any part of an assistant answer (content, end of turn, header, separator text: supervising
+    anything else is prompt leakage; headers are counted apart, see ``supervised_header_tokens``)."""
     content = role_t == ROLE_ASSISTANT_CONTENT
     eot = role_t == ROLE_END_OF_TURN
     eot_first = eot & ~F.pad(eot[:, :-1], (1, 0), value=False)
     header = role_t == ROLE_ASSISTANT_HEADER
-    return content, eot_first, header, content | eot | header
+    return content, eot_first, header, content | eot | header | (role_t == ROLE_SEPARATOR)
+
+
+class _Responses(NamedTuple):
+    """Assistant responses, each flagged at the slot predicting the first token of its header."""
+
+    started: torch.Tensor  # (b, width) bool: a response (header plus content or a closer) starts here
+    unterminated: torch.Tensor  # ... and it ends without an end of turn before its sequence ends
+    truncated: torch.Tensor  # ... and it runs, unclosed, into the end of a sequence that may have been cut
+
+
+def _responses(
+    role_t: torch.Tensor,
+    valid: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    seq_len: int,
+    max_length: int | None,
+) -> _Responses:
+    """Find assistant responses by where they start (their header), and how each one ends.
+
+    A response runs from a header start over the answer roles (header, content, end of turn, separator)
+    of one sequence. It is *closed* when it holds an end of turn or separator text; otherwise it is
+    *unterminated* when another turn follows it, or when it runs into the end of a sequence that cannot
+    have been cut by a length limit; it is *truncated* when that sequence may have been cut: as long as
+    ``max_length`` (when given), or else the longest sequence of the micro-batch, or ending at the end of a
+    row without padding. A header with nothing after it (a generation prompt a template appends after
+    the last turn) is not a response. Vectorised over the flattened slots; no host sync.
+    """
+    b, width = role_t.shape
+    dev = role_t.device
+    n = b * width
+    if n == 0:
+        none = torch.zeros((b, width), dtype=torch.bool, device=dev)
+        return _Responses(none, none, none)
+    real = valid if valid is not None else torch.ones((b, width), dtype=torch.bool, device=dev)
+    answer = real & _role_masks(role_t)[3]
+    header = role_t == ROLE_ASSISTANT_HEADER
+    closer = (role_t == ROLE_END_OF_TURN) | (role_t == ROLE_SEPARATOR)
+    new_doc = torch.zeros((b, width), dtype=torch.bool, device=dev)
+    if width:
+        new_doc[:, 0] = True
+    if starts is not None:
+        new_doc = new_doc | starts
+    prev_answer = F.pad(answer[:, :-1], (1, 0), value=False) & ~new_doc
+    prev_header = F.pad(header[:, :-1], (1, 0), value=False)
+    head_start = answer & header & ~(prev_answer & prev_header)
+    brk = head_start | ~answer | ~prev_answer  # runs of answer slots, cut at each header start
+    seg = torch.cumsum(brk.reshape(-1), 0) - 1
+
+    def per_run(mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.int64, device=dev)
+        return out.scatter_add_(0, seg, mask.reshape(-1).to(torch.int64))
+
+    continues = F.pad((answer & ~brk)[:, 1:], (0, 1), value=False)
+    last = answer & ~continues
+    followed = F.pad((real & ~new_doc)[:, 1:], (0, 1), value=False)  # a real slot of the same sequence
+    # length (in slots) of the sequence each slot belongs to
+    if starts is not None:
+        doc = _segment_ids(starts)
+    else:
+        doc = torch.arange(b, device=dev).repeat_interleave(width)
+    doc_len = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(0, doc, real.reshape(-1).to(torch.int64))
+    own_len = doc_len[doc].reshape(b, width)
+    row_end = torch.zeros((b, width), dtype=torch.bool, device=dev)  # the slot predicting a row's last token
+    if seq_len >= 2:
+        row_end[:, seq_len - 2] = True
+    if max_length is None:
+        may_be_cut = (own_len == doc_len.max()) | row_end  # n > 0 here
+    else:  # a sequence of n slots has n + 1 tokens
+        may_be_cut = (own_len + 1 >= max_length) | (row_end & (seq_len >= max_length))
+    mid = per_run(last & followed) > 0
+    cut = per_run(last & ~followed & may_be_cut) > 0
+    closed = per_run(answer & closer) > 0
+    response = (per_run(head_start) > 0) & (closed | (per_run(answer & ~header) > 0))
+    unterminated = response & ~closed & (mid | ~cut)
+    truncated = response & ~closed & ~mid & cut
+    flat = head_start.reshape(-1)
+    return _Responses(
+        (flat & response[seg]).reshape(b, width),
+        (flat & unterminated[seg]).reshape(b, width),
+        (flat & truncated[seg]).reshape(b, width),
+    )
 
 
 def batch_stats(
@@ -170,6 +256,7 @@ def batch_stats(
     loss: torch.Tensor | float | None = None,
     roles: torch.Tensor | None = None,
     ignore_index: int = -100,
+    max_length: int | None = None,
 ) -> torch.Tensor:
     """Statistics of one micro-batch as a 1-D tensor laid out as :data:`FIELDS`, on ``labels.device``.
 
@@ -182,6 +269,9 @@ def batch_stats(
         roles: optional ``(batch, seq)`` role codes (``ROLE_*``) of each *input* position, from a
             template tagger; enables the prompt-leakage, response-coverage and end-of-turn counts.
         ignore_index: the label value the loss ignores.
+        max_length: the length limit sequences were truncated to, when known: an unclosed response
+            running into the end of a sequence that long is counted as truncated, not unterminated
+            (unknown: the longest sequence of the micro-batch, or a row without padding, may be cut).
 
     Raises:
         UnsupportedBatch: shapes the audit cannot interpret (the caller decides whether to skip).
@@ -248,6 +338,10 @@ def batch_stats(
         cols["supervised_assistant_content_tokens"] = torch.count_nonzero(content & supervised).to(dtype)
         cols["assistant_turns"] = torch.count_nonzero(eot_first & in_slot).to(dtype)
         cols["supervised_eot_turns"] = torch.count_nonzero(eot_first & supervised).to(dtype)
+        resp = _responses(view.role_t, valid, starts, view.seq_len, max_length)
+        cols["assistant_responses"] = torch.count_nonzero(resp.started).to(dtype)
+        cols["unterminated_responses"] = torch.count_nonzero(resp.unterminated).to(dtype)
+        cols["truncated_responses"] = torch.count_nonzero(resp.truncated).to(dtype)
     return torch.stack([cols.get(f, zero) for f in FIELDS])
 
 
@@ -273,6 +367,7 @@ def sequence_stats(
     shift_labels: torch.Tensor | None = None,
     roles: torch.Tensor | None = None,
     ignore_index: int = -100,
+    max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The counts of :func:`batch_stats` split by sequence (a row, or a packed document).
 
@@ -290,6 +385,9 @@ def sequence_stats(
         ([3, 3], [2, 0], [4, 4])
     """
     view = _slots(labels, attention_mask, position_ids, shift_labels, roles, ignore_index)
+    resp = None
+    if view.role_t is not None:
+        resp = _responses(view.role_t, view.valid, view.starts, view.seq_len, max_length)
     supervised, valid = view.supervised, view.valid
     n_rows, width = supervised.shape
     length = view.seq_len
@@ -335,6 +433,10 @@ def sequence_stats(
         table["supervised_assistant_content_tokens"] = per_seg(content & supervised)
         table["assistant_turns"] = per_seg(eot_first & slots)
         table["supervised_eot_turns"] = per_seg(eot_first & supervised)
+        pad = (0, length - width)
+        table["assistant_responses"] = per_seg(F.pad(resp.started, pad, value=False))
+        table["unterminated_responses"] = per_seg(F.pad(resp.unterminated, pad, value=False))
+        table["truncated_responses"] = per_seg(F.pad(resp.truncated, pad, value=False))
     for k in SEQUENCE_FIELDS:
         if k not in table:
             table[k] = torch.zeros(n_seg, dtype=torch.int64, device=seg.device)

@@ -15,6 +15,7 @@ from mask_monitor.stats import (
     ROLE_ASSISTANT_CONTENT,
     ROLE_ASSISTANT_HEADER,
     ROLE_END_OF_TURN,
+    ROLE_SEPARATOR,
     ROLE_USER,
     SEQUENCE_FIELDS,
     SLOT_STATUSES,
@@ -28,12 +29,72 @@ from mask_monitor.stats import (
 IGN = -100
 
 
-def reference(labels, attention=None, position_ids=None, shift_labels=None, roles=None):
+ANSWER = (ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_SEPARATOR)
+
+
+def responses_reference(roles, valid, new_doc, seq_len, max_length=None):
+    """Walk each row's slots once: a response starts at a header slot (not continuing a header), runs over
+    answer slots of its sequence up to the next header start, and is closed by an end of turn or a
+    separator; an unclosed one is truncated when it reaches the end of a sequence that may be cut."""
+    B, W = len(roles), len(roles[0])
+    doc_of, doc_len, doc = {}, [], -1
+    for b in range(B):
+        for j in range(W):
+            if j == 0 or new_doc[b][j]:
+                doc += 1
+                doc_len.append(0)
+            doc_of[b, j] = doc
+            doc_len[doc] += int(valid[b][j])
+    out = {"assistant_responses": 0, "unterminated_responses": 0, "truncated_responses": 0}
+    if not doc_len:
+        return out
+
+    def answer(b, j):
+        return valid[b][j] and roles[b][j] in ANSWER
+
+    def header_start(b, j):
+        continues = j > 0 and not new_doc[b][j] and answer(b, j - 1) and roles[b][j - 1] == ROLE_ASSISTANT_HEADER
+        return answer(b, j) and roles[b][j] == ROLE_ASSISTANT_HEADER and not continues
+
+    for b in range(B):
+        j = 0
+        while j < W:
+            if not header_start(b, j):
+                j += 1
+                continue
+            k, body, closed = j, False, False
+            while True:
+                body |= roles[b][k] != ROLE_ASSISTANT_HEADER
+                closed |= roles[b][k] in (ROLE_END_OF_TURN, ROLE_SEPARATOR)
+                n = k + 1
+                if n < W and not new_doc[b][n] and answer(b, n) and not header_start(b, n):
+                    k = n
+                    continue
+                break
+            followed = k + 1 < W and valid[b][k + 1] and not new_doc[b][k + 1]
+            if max_length is None:
+                cut = doc_len[doc_of[b, k]] == max(doc_len) or k == seq_len - 2
+            else:
+                cut = doc_len[doc_of[b, k]] + 1 >= max_length or (k == seq_len - 2 and seq_len >= max_length)
+            if body or closed:
+                out["assistant_responses"] += 1
+                if not closed:
+                    key = "truncated_responses" if (not followed and cut) else "unterminated_responses"
+                    out[key] += 1
+            j = k + 1
+    return out
+
+
+def reference(labels, attention=None, position_ids=None, shift_labels=None, roles=None, max_length=None):
     """Slow, obvious, per-token count of what a shifted causal-LM loss sees."""
     B, L = len(labels), len(labels[0])
     out = dict.fromkeys(FIELDS, 0.0)
     out["micro_batches"] = 1
     seqs = []  # (slots, supervised) per sequence
+    W = L if shift_labels is not None else L - 1  # slot columns
+    grid_valid = [[False] * W for _ in range(B)]
+    grid_new_doc = [[False] * W for _ in range(B)]
+    grid_role = [[0] * W for _ in range(B)]
     for b in range(B):
         cur = None
         for j in range(L):
@@ -57,6 +118,10 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                     real = attention[b][j + 1] if attention is not None else True
                     boundary = position_ids is not None and position_ids[b][j + 1] == 0
             valid = bool(real) and not boundary
+            if j < W:
+                grid_valid[b][j], grid_new_doc[b][j] = valid, starts
+                if roles is not None:
+                    grid_role[b][j] = roles[b][j + 1] if j + 1 < L else 0
             sup = tgt != IGN
             if valid or sup:
                 out["target_tokens"] += 1
@@ -73,7 +138,7 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                     out["audited_supervised_tokens"] += 1
                     if role == ROLE_ASSISTANT_HEADER:
                         out["supervised_header_tokens"] += 1
-                    elif role not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN):
+                    elif role not in ANSWER:
                         out["prompt_leakage_tokens"] += 1
                 if role == ROLE_ASSISTANT_CONTENT and (valid or sup):
                     out["assistant_content_tokens"] += 1
@@ -83,6 +148,8 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                     out["assistant_turns"] += 1
                 if eot_first and sup:
                     out["supervised_eot_turns"] += 1
+    if roles is not None:
+        out.update(responses_reference(grid_role, grid_valid, grid_new_doc, L, max_length))
     out["masked_tokens"] = out["target_tokens"] - out["supervised_tokens"]
     live = [s for s in seqs if s[0] > 0]
     out["sequences"] = len(live)
@@ -94,11 +161,11 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
     return out
 
 
-def check(labels, **kw):
+def check(labels, max_length=None, **kw):
     t = {k: (torch.tensor(v) if v is not None else None) for k, v in kw.items()}
-    got = as_dict(batch_stats(torch.tensor(labels), **t))
+    got = as_dict(batch_stats(torch.tensor(labels), max_length=max_length, **t))
     exp = reference(labels, attention=kw.get("attention_mask"), position_ids=kw.get("position_ids"),
-                    shift_labels=kw.get("shift_labels"), roles=kw.get("roles"))
+                    shift_labels=kw.get("shift_labels"), roles=kw.get("roles"), max_length=max_length)
     for k in FIELDS:
         if k.startswith("loss") or k.endswith("loss_batches"):
             continue
@@ -188,10 +255,10 @@ def test_random_batches_match_reference():
                 pos.append(row)
             kw["position_ids"] = pos
         if rng.random() < 0.5:
-            kw["roles"] = [[rng.randint(0, 5) for _ in range(L)] for _ in range(B)]
+            kw["roles"] = [[rng.choice([0, 1, 2, 3, 3, 3, 4, 4, 5, 6]) for _ in range(L)] for _ in range(B)]
         if rng.random() < 0.3:  # already shifted targets (context parallelism): any values, any masks
             kw["shift_labels"] = [[rng.choice([IGN, rng.randint(0, 50)]) for _ in range(L)] for _ in range(B)]
-        check(labels, **kw)
+        check(labels, max_length=rng.choice([None, None, rng.randint(2, 12)]), **kw)
 
 
 def _random_tensors(rng: random.Random, roles: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -206,7 +273,7 @@ def _random_tensors(rng: random.Random, roles: bool) -> tuple[torch.Tensor, dict
         kw["position_ids"] = torch.tensor([[0 if j == 0 or rng.random() < 0.25 else 1 for j in range(L)]
                                            for _ in range(B)])
     if roles:
-        kw["roles"] = torch.tensor([[rng.randint(0, 5) for _ in range(L)] for _ in range(B)])
+        kw["roles"] = torch.tensor([[rng.choice([0, 1, 2, 3, 3, 3, 4, 4, 5, 6]) for _ in range(L)] for _ in range(B)])
     return labels, kw
 
 

@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from mask_monitor.stats import ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN
 from mask_monitor.templates.chat_template import ChatTemplate
-from mask_monitor.templates.roles import RoleTagger
+from mask_monitor.templates.roles import RoleTagger, answer_mask
 
 __all__ = ["assistant_token_mask", "tagger_for"]
 
@@ -73,4 +72,4 @@ def assistant_token_mask(
     if not ids:
         return []
     roles = tagger_for(tokenizer, template)(torch.tensor([ids], dtype=torch.long))[0]
-    return ((roles == ROLE_ASSISTANT_CONTENT) | (roles == ROLE_END_OF_TURN)).to(torch.long).tolist()
+    return answer_mask(roles).to(torch.long).tolist()
