@@ -222,7 +222,7 @@ _SPANS_DIFFER_ON_TRANSFORMERS_4 = {
 @pytest.mark.parametrize("name", GENERATION)
 def test_mask_agrees_with_generation_spans(name: str):
     import transformers
-    from test_template_masks import CONVERSATIONS, render, tokenizer_for
+    from template_fixtures import CONVERSATIONS, render, tokenizer_for
 
     if int(transformers.__version__.split(".")[0]) < 5 and name in _SPANS_DIFFER_ON_TRANSFORMERS_4:
         pytest.skip("transformers < 5 builds return_assistant_tokens_mask differently at end-of-turn positions "
@@ -230,6 +230,7 @@ def test_mask_agrees_with_generation_spans(name: str):
 
     tok = tokenizer_for(name)
     tagger = RoleTagger.from_tokenizer(tok, detect_template(tok))
+    headers_seen = 0
     for conversation in CONVERSATIONS.values():
         messages, _ = render(tok, conversation)
         enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -243,4 +244,6 @@ def test_mask_agrees_with_generation_spans(name: str):
         assert all(spans[i] == 1 and mask[i] == 0 for i in differ), name
         assert all(roles[i] in (ROLE_ASSISTANT_HEADER, ROLE_SEPARATOR) for i in differ), name
         header = [i for i in differ if roles[i] == ROLE_ASSISTANT_HEADER]
-        assert bool(header) == (name in SPANS_WITH_HEADER), f"{name}: header tokens in the spans: {header}"
+        assert not header or name in SPANS_WITH_HEADER, f"{name}: header tokens in the spans: {header}"
+        headers_seen += len(header)
+    assert bool(headers_seen) == (name in SPANS_WITH_HEADER), name
