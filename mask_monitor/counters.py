@@ -107,7 +107,8 @@ _DECLARED: tuple[Counter, ...] = (
     _c("zero_loss_batches", "micro-batches", "Micro-batches with supervised targets whose loss is exactly 0."),
     _c("non_finite_loss_batches", "micro-batches", "Micro-batches whose loss is NaN or infinite."),
     _c("audited_supervised_tokens", "tokens",
-       "Supervised targets in batches whose chat template was recognised (denominator of prompt leakage).",
+       "Supervised targets whose role the chat template tells (batches with a recognised template, fragments "
+       "cut from a conversation before their first turn marker excluded): the denominator of prompt leakage.",
        template=True),
     _c("prompt_leakage_tokens", "tokens",
        "Supervised targets that are prompt tokens (system, user, other text): the model learns prompts.",

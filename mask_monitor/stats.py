@@ -47,6 +47,7 @@ __all__ = [
     "ROLE_ASSISTANT_CONTENT",
     "ROLE_END_OF_TURN",
     "ROLE_SEPARATOR",
+    "ROLE_UNKNOWN",
     "ROLE_NAMES",
     "ANSWER_ROLES",
     "UnsupportedBatch",
@@ -68,7 +69,10 @@ ROLE_ASSISTANT_HEADER = 3
 ROLE_ASSISTANT_CONTENT = 4
 ROLE_END_OF_TURN = 5  # the end-of-turn token closing an *assistant* turn, and what follows it in that turn
 ROLE_SEPARATOR = 6  # text that closes an assistant turn without a token of its own (Falcon's "\n" before "User:")
-ROLE_NAMES = ("other", "system", "user", "assistant_header", "assistant_content", "end_of_turn", "separator")
+ROLE_UNKNOWN = 7  # a fragment cut from a conversation before its first opener (wrapped packing, keep_end)
+ROLE_NAMES = (
+    "other", "system", "user", "assistant_header", "assistant_content", "end_of_turn", "separator", "unknown",
+)
 #: Roles that belong to an assistant answer: supervising them is not prompt leakage.
 ANSWER_ROLES = (ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_SEPARATOR)
 
@@ -331,8 +335,9 @@ def batch_stats(
     if view.role_t is not None:
         content, eot_first, header, answer = _role_masks(view.role_t)
         in_slot = slots if slots is not None else True
-        cols["audited_supervised_tokens"] = n_sup.to(dtype)
-        cols["prompt_leakage_tokens"] = torch.count_nonzero(supervised & ~answer).to(dtype)
+        known = view.role_t != ROLE_UNKNOWN
+        cols["audited_supervised_tokens"] = torch.count_nonzero(supervised & known).to(dtype)
+        cols["prompt_leakage_tokens"] = torch.count_nonzero(supervised & ~answer & known).to(dtype)
         cols["supervised_header_tokens"] = torch.count_nonzero(supervised & header).to(dtype)
         cols["assistant_content_tokens"] = torch.count_nonzero(content & in_slot).to(dtype)
         cols["supervised_assistant_content_tokens"] = torch.count_nonzero(content & supervised).to(dtype)
@@ -427,7 +432,7 @@ def sequence_stats(
     if view.role_t is not None:
         role_t = view.role_t if width == length else F.pad(view.role_t, (0, 1), value=ROLE_OTHER)
         content, eot_first, header, answer = _role_masks(role_t)
-        table["prompt_leakage_tokens"] = per_seg(supervised & ~answer)
+        table["prompt_leakage_tokens"] = per_seg(supervised & ~answer & (role_t != ROLE_UNKNOWN))
         table["supervised_header_tokens"] = per_seg(supervised & header)
         table["assistant_content_tokens"] = per_seg(content & slots)
         table["supervised_assistant_content_tokens"] = per_seg(content & supervised)
@@ -478,7 +483,7 @@ def slot_status(
     code[supervised] = SLOT_STATUSES.index("supervised")
     if view.role_t is not None:
         answer = _role_masks(view.role_t)[3]
-        code[supervised & ~answer] = SLOT_STATUSES.index("leakage")
+        code[supervised & ~answer & (view.role_t != ROLE_UNKNOWN)] = SLOT_STATUSES.index("leakage")
     n_rows = supervised.shape[0]
     out = torch.full((n_rows, view.seq_len), SLOT_STATUSES.index("none"), dtype=torch.int8, device=code.device)
     out[:, 1:] = code[:, : view.seq_len - 1]

@@ -30,8 +30,11 @@ over tokens and no device-to-host sync:
   ``"\n"`` after ``<|im_end|>``, Phi-3's final ``<|endoftext|>``), and whitespace that closes a turn
   without an end of turn (Falcon's ``"\n"`` before ``User:``; only where an opener or the end of the row
   follows): answer (supervising it is not prompt leakage), but not a target of its own;
-* ``ROLE_OTHER``: anything before the first opener of a row or packed document (bos, a bare system
-  prompt), and the whole document when it has no opener.
+* ``ROLE_OTHER``: anything before the first opener of a row or packed document that starts the way a
+  conversation does (bos, a bare system prompt), and the whole document when it has no opener;
+* ``ROLE_UNKNOWN``: the same for a row or document that starts some other way: a fragment cut out of a
+  conversation (wrapped packing, ``truncation_mode="keep_end"``, a left-padded row), whose role nothing
+  tells.
 
 A packed document starts where ``position_ids == 0``; roles never carry across documents.
 
@@ -57,6 +60,7 @@ from mask_monitor.stats import (
     ROLE_OTHER,
     ROLE_SEPARATOR,
     ROLE_SYSTEM,
+    ROLE_UNKNOWN,
     ROLE_USER,
 )
 from mask_monitor.templates.chat_template import ChatTemplate
@@ -175,6 +179,8 @@ class RoleTagger:
         whitespace_separator: whitespace that closes a turn when an opener follows it.
         implicit_end: the template writes no end-of-turn token: a special token opening the next turn
             closes the assistant turn before it.
+        conversation_starts: the first token id of every rendered conversation, when it is always the
+            same (``<|im_start|>``, ``<s>``): a row or document starting otherwise is a cut fragment.
     """
 
     def __init__(
@@ -186,6 +192,7 @@ class RoleTagger:
         system: MarkerIds | None = None,
         whitespace_separator: MarkerIds | None = None,
         specials: Iterable[int] = (),
+        conversation_starts: Iterable[int] = (),
     ) -> None:
         if not assistant:
             raise ValueError(f"no token ids for the assistant opener {template.assistant!r}")
@@ -198,6 +205,9 @@ class RoleTagger:
         self.implicit_end = not end_of_turn
         self._specials = torch.tensor(sorted(set(specials)), dtype=torch.long)
         self._specials_on: dict[torch.device, torch.Tensor] = {}
+        self.conversation_starts = tuple(sorted(set(conversation_starts)))
+        self._starts = torch.tensor(self.conversation_starts, dtype=torch.long)
+        self._starts_on: dict[torch.device, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (
@@ -210,9 +220,10 @@ class RoleTagger:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_tokenizer(
-        cls, tokenizer: Any, template: ChatTemplate | None = None, **chat_template_kwargs: Any
+        cls, tokenizer: Any, template: ChatTemplate | str | None = None, **chat_template_kwargs: Any
     ) -> RoleTagger:
-        """Find the marker token ids of ``template`` (detected when ``None``) for ``tokenizer``.
+        """Find the marker token ids of ``template`` (detected when ``None`` or ``"auto"``; a family name or
+        a description file is resolved with :func:`~mask_monitor.templates.resolve_template`) for ``tokenizer``.
 
         Probe conversations are rendered with the tokenizer's chat template when it has one and the
         template's markers appear in its render; otherwise a conversation is assembled from the marker
@@ -226,6 +237,13 @@ class RoleTagger:
         """
         from mask_monitor.templates.detect import TemplateUnreadable, detect_template, why_unreadable
 
+        if isinstance(template, str):  # "auto", a family name, a description file
+            from mask_monitor.templates.spec import resolve_template
+
+            resolved = resolve_template(template)
+            if resolved is None:
+                raise TemplateUnreadable("template='none': the chat-template audit is off")
+            template = None if resolved == "auto" else resolved
         tok = getattr(tokenizer, "tokenizer", tokenizer)
         if getattr(tok, "is_fast", True) is False:
             raise TemplateUnreadable(
@@ -243,9 +261,13 @@ class RoleTagger:
 
         found: dict[str, set[tuple[int, ...]]] = {k: set() for k in ("assistant", "eot", "ws_sep", "user", "system")}
 
-        def collect(text: str, spans: list[tuple[str, int, int]]) -> None:
+        firsts: set[int] = set()  # first token of each rendered probe conversation
+
+        def collect(text: str, spans: list[tuple[str, int, int]], whole: bool = True) -> None:
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+            if ids and whole:
+                firsts.add(ids[0])
             for kind, a, b in spans:
                 seq = _ids_in_span(text, ids, offsets, a, b)
                 if kind == "eot":
@@ -262,7 +284,8 @@ class RoleTagger:
                     found[kind].add(seq)
 
         for contents in PROBE_CONTENTS:
-            collect(*_probe_spans(renderer, template, contents, chat_template_kwargs))
+            text, spans, rendered = _probe_spans(renderer, template, contents, chat_template_kwargs)
+            collect(text, spans, rendered)
         gen = _generation_header(renderer, template, chat_template_kwargs)
         if gen is not None:
             collect(*gen)
@@ -292,6 +315,9 @@ class RoleTagger:
             system=MarkerIds(found["system"]),
             whitespace_separator=MarkerIds(found["ws_sep"]),
             specials=added,
+            # conversations that start with their own text (a bare system prompt) start any way: then no
+            # row can be told to be a fragment
+            conversation_starts=firsts if len(firsts) == 1 else (),
         )
 
     # ------------------------------------------------------------------ tagging
@@ -327,6 +353,13 @@ class RoleTagger:
             p = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
             first = first | (p.expand(b, length) == 0)
         doc_start = torch.cummax(torch.where(first, pos, minus_one), dim=1).values
+        if self.conversation_starts:
+            if dev not in self._starts_on:
+                self._starts_on[dev] = self._starts.to(dev)
+            # a row or document that does not start the way a conversation does is a fragment cut out of one
+            fragment = ~torch.isin(ids.gather(1, doc_start.clamp(min=0)), self._starts_on[dev])
+        else:
+            fragment = torch.zeros_like(first)
 
         last_open = torch.cummax(torch.where(opens, pos, minus_one), dim=1).values
         in_turn = last_open >= doc_start
@@ -341,12 +374,16 @@ class RoleTagger:
         for k, seqs in self.whitespace_separator.groups(dev):
             opener_follows = F.pad(opens, (0, k), value=True)[:, k : k + length]
             sep = sep | (_match(ids, k, seqs) & opener_follows)
-        last_eot = torch.cummax(torch.where(eot_len > 0, pos, minus_one), dim=1).values
+        any_eot = torch.cummax(torch.where(eot_len > 0, pos, minus_one), dim=1).values
+        before = F.pad(any_eot[:, :-1], (1, 0), value=-1)
+        # the turn's end of turn is its first one; a later one in the same turn is part of its tail
+        first_eot = (eot_len > 0) & (before < content_start)
+        last_eot = torch.cummax(torch.where(first_eot, pos, minus_one), dim=1).values
         eot_end = last_eot + eot_len.gather(1, last_eot.clamp(min=0))  # first position after that end of turn
         last_sep = torch.cummax(torch.where(sep, pos, minus_one), dim=1).values
 
         assistant = in_turn & (kind_at == ROLE_ASSISTANT_HEADER)
-        roles = torch.full_like(pos, ROLE_OTHER)
+        roles = torch.where(fragment, ROLE_UNKNOWN, ROLE_OTHER)
         roles = torch.where(in_turn & (kind_at == ROLE_USER), ROLE_USER, roles)
         roles = torch.where(in_turn & (kind_at == ROLE_SYSTEM), ROLE_SYSTEM, roles)
         roles = torch.where(assistant, ROLE_ASSISTANT_HEADER, roles)
@@ -411,8 +448,9 @@ def _probe_spans(
     template: ChatTemplate,
     contents: tuple[str, str, str, str, str],
     kwargs: dict[str, Any] | None = None,
-) -> tuple[str, list[tuple[str, int, int]]]:
-    """A probe conversation's text and the character spans of its markers ``(kind, start, end)``."""
+) -> tuple[str, list[tuple[str, int, int]], bool]:
+    """A probe conversation's text, the character spans of its markers ``(kind, start, end)``, and whether
+    the text is a render of the template (not assembled from the marker texts)."""
     kwargs = kwargs or {}
     if renderer is not None:
         for with_system in (True, False):
@@ -430,8 +468,8 @@ def _probe_spans(
                 continue
             spans = _spans_in_render(text, first, template, contents, starts, with_system, renderer.all_special)
             if spans is not None:
-                return text, spans
-    return _synthetic(template, contents)
+                return text, spans, True
+    return (*_synthetic(template, contents), False)
 
 
 def _spans_in_render(
