@@ -16,8 +16,11 @@ non-blank character lies in it; offsets of the rendered text):
   ``apply_chat_template(messages[:k], add_generation_prompt=True)`` shares, as a prefix, with the
   conversation's tokens, for each assistant message ``k``.
 
-A tool-call turn (no content, ``tool_calls``) is the assistant's from where its generation prompt ends
-to its end-of-turn token (the one its plain turns end with), both included: the model writes the call.
+A tool-call turn (``tool_calls``) is the assistant's from where its generation prompt (and what the template
+writes before any answer, read off a plain turn) ends to the last special token the turn writes (in the
+part of the render that a render cut after the turn shares with the whole one; when the cut render differs,
+to the end-of-turn token its plain turns end with); when the template ends turns only with the next turn's
+special token (GLM), that token too: the model writes the call and ends it.
 """
 
 from __future__ import annotations
@@ -152,8 +155,9 @@ def reference_mask(tok, messages: list[dict[str, Any]], text_end_of_turn: str | 
     eot_text = (text_end_of_turn or "").strip()
     mask = [0] * len(ids)
     visible = 0
-    cursor = 0
     plain_eots: set[int] = set()
+    glues: list[str] = []
+    cursor = 0
     tool_turns: list[tuple[int, int]] = []  # (first target token, cursor) of tool-call turns
     for k, m in enumerate(messages):
         content = (m.get("content") or "").strip() if isinstance(m.get("content"), str | None) else ""
@@ -165,7 +169,14 @@ def reference_mask(tok, messages: list[dict[str, Any]], text_end_of_turn: str | 
         gen = _ids(tok, messages[:k], add_generation_prompt=True, **kwargs)
         given = _prefix_len(gen, ids)  # tokens the generation prompt holds: never targets
         if m.get("tool_calls"):
-            tool_turns.append((given, cursor))
+            # what the turn writes: the tokens a render cut after it shares with the whole render
+            shared = _prefix_len(_ids(tok, messages[: k + 1], **kwargs), ids)
+            args = [str(v) for c in m["tool_calls"] for v in _arguments(c).values()]
+            arg_end = cursor
+            for v in args:
+                q = text.find(v, arg_end)
+                arg_end = q + len(v) if q >= 0 else arg_end
+            tool_turns.append((given, shared, arg_end))
             continue
         raw = m.get("content") or ""
         a = text.find(raw, cursor) if raw.strip() else -1  # as written, then stripped
@@ -204,6 +215,8 @@ def reference_mask(tok, messages: list[dict[str, Any]], text_end_of_turn: str | 
                 mask[i] = 1
         nxt = next((i for i, (s, e) in enumerate(offs) if e > s and s >= b and text[s:e].strip()), None)
         q = len(text[:b]) + len(text[b:]) - len(text[b:].lstrip())  # first non-blank character after it
+        if given < len(offs) and offs[given][0] < a:
+            glues.append(text[offs[given][0] : a])
         if nxt is not None and not text[b : offs[nxt][0]].strip() and ids[nxt] in special:
             for i in [i for i, (s, e) in enumerate(offs) if e > s and b <= s < offs[nxt][0]] + [nxt]:
                 mask[i] = int(i >= given)
@@ -216,11 +229,40 @@ def reference_mask(tok, messages: list[dict[str, Any]], text_end_of_turn: str | 
                     mask[i] = int(i >= given)
         visible += any(mask[i] for i, (s, e) in enumerate(offs) if s >= a and (s < b or i == nxt))
         cursor = b
-    for given, _ in tool_turns:
-        stop = next((i for i in range(given, len(ids)) if ids[i] in plain_eots), None)
+    implicit = tool_turns and _implicit_end(tok, **kwargs)
+    for given, shared, arg_end in tool_turns:
+        start = given
+        at = offs[given][0] if given < len(offs) else len(text)
+        for g in glues:  # what the template writes before any answer (read off a plain turn)
+            if g.strip() and text.startswith(g, at):
+                start = next(i for i in range(given, len(ids)) if offs[i][0] >= at + len(g))
+        if shared < len(offs) and offs[shared][0] > arg_end:  # the turn renders the same when it is last
+            stop = max((i for i in range(start, shared) if ids[i] in special), default=None)
+            if stop is None:  # no special token of its own (a tokenizer without the template's tokens)
+                stop = max((i for i in range(start, shared) if text[offs[i][0] : offs[i][1]].strip()), default=None)
+        else:  # it does not (loop.last): it ends with the end-of-turn token its plain turns end with
+            stop = next((i for i in range(start, len(ids)) if offs[i][0] >= arg_end and ids[i] in plain_eots), None)
         if stop is None:
-            raise ValueError("a tool-call turn with no end-of-turn token after it")
-        for i in range(given, stop + 1):
+            raise ValueError("a tool-call turn whose end cannot be read")
+        nxt = next((i for i in range(stop + 1, len(ids)) if text[offs[i][0] : offs[i][1]].strip()), None)
+        if implicit and nxt is not None and ids[nxt] in special:
+            stop = nxt  # the template ends turns with the next turn's special token (GLM)
+        for i in range(start, stop + 1):
             mask[i] = 1
         visible += 1
     return ids, mask, visible
+
+
+def _arguments(call: dict[str, Any]) -> dict[str, Any]:
+    args = call.get("function", call).get("arguments", {})
+    return json.loads(args) if isinstance(args, str) else dict(args)
+
+
+def _implicit_end(tok, **kwargs: Any) -> bool:
+    """Whether the template ends an answer only with the next turn's special token (GLM): the token right
+    after an answer is not in a render that stops at that answer."""
+    conv = [_u("Qzxone"), _a("Qzxtwo"), _u("Qzxthree"), _a("Qzxfour")]
+    full = tok.apply_chat_template(conv, tokenize=False, **kwargs)
+    cut = tok.apply_chat_template(conv[:2], tokenize=False, **kwargs)
+    after = full[full.index("Qzxtwo") + len("Qzxtwo") :].lstrip()
+    return not cut[cut.index("Qzxtwo") + len("Qzxtwo") :].strip() and bool(after)

@@ -1,11 +1,13 @@
 """The cure (issue 13): ``assistant_only`` gives SFTTrainer exact assistant-only labels for any template.
 
 Proof, for every one of the 69 fixture templates (real tokenizer where the fixture has one, else a base
-tokenizer with the template's special tokens): a real ``SFTTrainer`` run (tiny random Llama from a config)
-on a conversational dataset through the cure trains on labels equal, token for token, to the independent
-reference of ``template_fixtures.reference_mask`` (read from the trainer's own prepared dataset through
-its own collator), and the monitor reports prompt leakage 0, response coverage 1 and every end of turn
-supervised; TRL's default run on the same conversations is flagged as leaking. Then composition with TRL's
+tokenizer with the template's special tokens): a real ``SFTTrainer`` run (tiny random Llama from a config,
+one step over the whole dataset) on a conversational dataset through the cure trains on labels equal, token
+for token, to the independent reference of ``template_fixtures.reference_mask`` (read from the trainer's own
+prepared dataset through its own collator), and the monitor reports prompt leakage 0, response coverage 1
+and every end of turn supervised; TRL's default preparation of the same conversations, audited by the
+monitor's own auditor and policy, is flagged as leaking (full default training runs are flagged in
+``test_leakage_e2e.py``; one optimizer step per template is what the CI budget allows). Then composition with TRL's
 options (packing, padding-free, truncation, prompt/completion, tools, streaming) on one real tokenizer,
 the collator route, and the one-line errors.
 """
@@ -19,9 +21,9 @@ import torch
 from template_fixtures import CONVERSATIONS, FIXTURES, NAMES, fixture, reference_mask, render, tokenizer_for
 from trainer_utils import IGNORE, tiny_llama
 
-from mask_monitor import MaskMonitorCallback
+from mask_monitor import MaskAuditor, MaskMonitorCallback, Policy
 from mask_monitor.cure import AssistantOnly, CureError, assistant_only, assistant_only_collator
-from mask_monitor.templates import TemplateUnreadable
+from mask_monitor.templates import RoleTagger, TemplateUnreadable
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -93,11 +95,15 @@ def test_sft_through_the_cure_trains_exactly_the_reference(name: str, tmp_path):
     assert s["eot_supervised_ratio"] in (1.0, None) and s["supervised_eot_turns"] == s["assistant_turns"]
     assert not {"prompt_leakage", "response_coverage", "eot_unsupervised"} & set(s["findings"])
 
-    default_cb = MaskMonitorCallback()  # TRL's defaults on the same conversations: the whole text is trained
-    _trainer(tok, datasets.Dataset.from_list([{"messages": c} for c in convs]), tmp_path / "default",
-             default_cb).train()
-    d = default_cb.summary()
-    assert d["prompt_leakage_tokens"] > 0 and d["findings"].get("prompt_leakage") == 1
+    # TRL's defaults on the same conversations: its own preparation and collator train on the whole text,
+    # and the monitor's auditor and policy (the callback's, minus the optimizer step) flag it
+    default = _trainer(tok, datasets.Dataset.from_list([{"messages": c} for c in convs]), tmp_path / "default")
+    batch = default.data_collator([default.train_dataset[i] for i in range(len(convs))])
+    auditor = MaskAuditor(role_tagger=RoleTagger.from_tokenizer(tok))
+    auditor.update(labels=batch["labels"], input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    report = auditor.step(1)
+    assert report.total.prompt_leakage_tokens > 0
+    assert "prompt_leakage" in [f.check for f in Policy().evaluate(report)]
 
 
 # ------------------------------------------------------------------------------------------ TRL options

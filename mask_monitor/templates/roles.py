@@ -161,10 +161,12 @@ def _strip_blank_tail(tok: Any, seq: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _specific(tok: Any, seq: tuple[int, ...], added: set[int]) -> bool:
-    """A variant is matched only if it holds a special token or at least two non-blank tokens."""
+    """A variant is matched only if it holds a special token, or at least two non-blank tokens one of
+    which has a letter or digit ("|>" alone would match inside any markup)."""
     if any(t in added for t in seq):
         return True
-    return sum(1 for t in seq if not _is_blank(tok, t)) >= 2
+    pieces = [tok.decode([t]) for t in seq]
+    return sum(1 for p in pieces if p.strip()) >= 2 and any(c.isalnum() for p in pieces for c in p)
 
 
 class RoleTagger:
@@ -179,6 +181,8 @@ class RoleTagger:
         whitespace_separator: whitespace that closes a turn when an opener follows it.
         implicit_end: the template writes no end-of-turn token: a special token opening the next turn
             closes the assistant turn before it.
+        padding: ids that pad a row (the tokenizer's pad token, and -1): a whitespace closer followed by
+            padding ends its row.
         conversation_starts: the first token id of every rendered conversation, when it is always the
             same (``<|im_start|>``, ``<s>``): a row or document starting otherwise is a cut fragment.
     """
@@ -193,6 +197,7 @@ class RoleTagger:
         whitespace_separator: MarkerIds | None = None,
         specials: Iterable[int] = (),
         conversation_starts: Iterable[int] = (),
+        padding: Iterable[int] = (-1,),
     ) -> None:
         if not assistant:
             raise ValueError(f"no token ids for the assistant opener {template.assistant!r}")
@@ -205,6 +210,8 @@ class RoleTagger:
         self.implicit_end = not end_of_turn
         self._specials = torch.tensor(sorted(set(specials)), dtype=torch.long)
         self._specials_on: dict[torch.device, torch.Tensor] = {}
+        self._padding = torch.tensor(sorted(set(padding)), dtype=torch.long)
+        self._padding_on: dict[torch.device, torch.Tensor] = {}
         self.conversation_starts = tuple(sorted(set(conversation_starts)))
         self._starts = torch.tensor(self.conversation_starts, dtype=torch.long)
         self._starts_on: dict[torch.device, torch.Tensor] = {}
@@ -289,6 +296,16 @@ class RoleTagger:
         gen = _generation_header(renderer, template, chat_template_kwargs)
         if gen is not None:
             collect(*gen)
+        for text, spans in _tool_probe(renderer, template, chat_template_kwargs):
+            collect(text, spans, False)
+        bare: set[int] = set()  # first token of conversations without a system turn
+        for contents in PROBE_CONTENTS[:3] if renderer is not None else ():
+            try:
+                text = renderer.render(probe_conversation(contents, system=False), **chat_template_kwargs)
+            except Exception:  # noqa: BLE001 - templates raise anything
+                break
+            first_ids = tok(text, add_special_tokens=False)["input_ids"][:1]
+            bare.update(first_ids)
         # The first token of a plain-text marker can merge with the character before it ("![" in
         # SentencePiece): also match the rest, when it is at least two tokens long.
         # Likewise its trailing whitespace can merge with what follows ("\n\n" + "<"): also match an
@@ -315,9 +332,10 @@ class RoleTagger:
             system=MarkerIds(found["system"]),
             whitespace_separator=MarkerIds(found["ws_sep"]),
             specials=added,
+            padding=(-1, *([tok.pad_token_id] if isinstance(getattr(tok, "pad_token_id", None), int) else [])),
             # conversations that start with their own text (a bare system prompt) start any way: then no
             # row can be told to be a fragment
-            conversation_starts=firsts if len(firsts) == 1 else (),
+            conversation_starts=firsts | bare if len(firsts) <= 1 and len(bare) <= 1 else (),
         )
 
     # ------------------------------------------------------------------ tagging
@@ -371,8 +389,12 @@ class RoleTagger:
         for k, seqs in self.end_of_turn.groups(dev):
             eot_len = torch.where(_match(ids, k, seqs) & (eot_len < k), k, eot_len)
         sep = torch.zeros_like(opens)
+        if self.whitespace_separator:
+            if dev not in self._padding_on:
+                self._padding_on[dev] = self._padding.to(dev)
+            ends = opens | torch.isin(ids, self._padding_on[dev])  # an opener, padding, or (below) the row's end
         for k, seqs in self.whitespace_separator.groups(dev):
-            opener_follows = F.pad(opens, (0, k), value=True)[:, k : k + length]
+            opener_follows = F.pad(ends, (0, k), value=True)[:, k : k + length]
             sep = sep | (_match(ids, k, seqs) & opener_follows)
         any_eot = torch.cummax(torch.where(eot_len > 0, pos, minus_one), dim=1).values
         before = F.pad(any_eot[:, :-1], (1, 0), value=-1)
@@ -513,6 +535,11 @@ def _spans_in_render(
                     own = first[first.rindex(a1) + len(a1) :]
                     closer = snap_prefix(gap, len(common_prefix(gap, own)), specials)
                     extra = gap[len(closer) :]
+                    for e in eots:  # an end of turn is never the user turn's: the answer's own closer
+                        if e.strip() and extra.lstrip().startswith(e):
+                            cut = len(gap) - len(extra) + extra.index(e) + len(e)
+                            rest = gap[cut:]
+                            closer, extra = gap[: cut + len(rest) - len(rest.lstrip())], rest.lstrip()
                     if extra and not any(extra.endswith(e) for e in eots if e):
                         a = prev_end + len(closer)
                 spans.append(("user", a, m + len(template.user)))
@@ -546,6 +573,75 @@ def _generation_header(
             return None
         return text, [("assistant", m, len(text))]
     return None
+
+
+_TOOL_NAME = "qzxtool"
+_TOOL_DEF = {"type": "function", "function": {
+    "name": _TOOL_NAME, "description": "A probe tool",
+    "parameters": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]}}}
+_TOOL_CALL = {"id": "qzxcall01", "type": "function",
+              "function": {"name": _TOOL_NAME, "arguments": {"arg": "Qzxargword"}}}
+_TOOL_CONV = [
+    {"role": "user", "content": "Call the probe tool."},
+    {"role": "assistant", "content": "", "tool_calls": [_TOOL_CALL]},
+    {"role": "tool", "content": "Qzxtoolword", "tool_call_id": "qzxcall01", "name": _TOOL_NAME},
+    {"role": "assistant", "content": "Qzxfinalword"},
+]
+
+
+def _tool_conv_text_arguments() -> list[dict[str, Any]]:
+    import json
+
+    conv = [dict(m) for m in _TOOL_CONV]
+    call = dict(_TOOL_CALL, function=dict(_TOOL_CALL["function"], arguments=json.dumps({"arg": "Qzxargword"})))
+    conv[1] = dict(conv[1], tool_calls=[call])
+    return conv
+
+
+def _tool_probe(
+    renderer: TemplateRenderer | None, template: ChatTemplate, kwargs: dict[str, Any]
+) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """Tool results and what follows them, for templates that accept ``tools``: the text that opens a
+    tool result (prompt: the model reads it) from a render ending on the tool call to one that goes on
+    with its result, cut before the tool's name; and, when the template writes no assistant opener after
+    a tool result (DeepSeek), what its generation prompt writes there (the header of the next answer)."""
+    if renderer is None or "tool" not in renderer.chat_template:
+        return []
+    for conv in (_TOOL_CONV, _tool_conv_text_arguments()):  # templates take arguments as a dict or as text
+        try:
+            call = renderer.render(conv[:2], tools=[_TOOL_DEF], **kwargs)
+            result = renderer.render(conv[:3], tools=[_TOOL_DEF], **kwargs)
+            gen = renderer.render(conv[:3], add_generation_prompt=True, tools=[_TOOL_DEF], **kwargs)
+            break
+        except Exception:  # noqa: BLE001 - templates without tool support raise anything
+            continue
+    else:
+        return []
+    arg, out = result.find("Qzxargword"), result.find("Qzxtoolword")
+    shared = len(snap_prefix(result, len(common_prefix(call, result)), renderer.all_special))
+    if arg < 0 or out < 0 or not arg < shared <= out:  # the call renders differently when it is last
+        return []
+    start = shared + len(result[shared:out]) - len(result[shared:out].lstrip())
+    name = result.find(_TOOL_NAME, start, out)
+    end = name if name > start else out
+    found: list[tuple[str, list[tuple[str, int, int]]]] = []
+    if result[start:end].strip():
+        found.append((result, [("user", start, end)]))
+    if gen.startswith(result[: out + len("Qzxtoolword")]):
+        tail_at = out + len("Qzxtoolword")
+        tail = gen[tail_at:]
+        if tail.strip() and template.assistant not in tail:
+            # from the special tokens the tail ends with (the tool result's own text, ids, quotes aside)
+            cut = len(tail.rstrip())
+            while True:
+                tok_end = next((t for t in renderer.all_special if tail[:cut].endswith(t)), None)
+                if tok_end is None:
+                    break
+                cut -= len(tok_end)
+                cut = len(tail[:cut].rstrip())
+            start_at = tail_at + (cut if cut < len(tail.rstrip()) else 0)
+            found.append((gen, [("assistant", start_at, len(gen))]))
+    return found
 
 
 def _synthetic(
