@@ -5,7 +5,7 @@ tokenizer with the template's special tokens): a real ``SFTTrainer`` run (tiny r
 one step over the whole dataset) on a conversational dataset through the cure trains on labels equal, token
 for token, to the independent reference of ``template_fixtures.reference_mask`` (read from the trainer's own
 prepared dataset through its own collator), and the monitor reports prompt leakage 0, response coverage 1
-and every end of turn supervised; TRL's default preparation of the same conversations, audited by the
+and every end of turn supervised over the run (one step of 3 conversations); TRL's default preparation of the same conversations, audited by the
 monitor's own auditor and policy, is flagged as leaking (full default training runs are flagged in
 ``test_leakage_e2e.py``; one optimizer step per template is what the CI budget allows). Then composition with TRL's
 options (packing, padding-free, truncation, prompt/completion, tools, streaming) on one real tokenizer,
@@ -82,7 +82,8 @@ def test_sft_through_the_cure_trains_exactly_the_reference(name: str, tmp_path):
     assert cured.column_names == ["input_ids", "assistant_masks"]
 
     cb = MaskMonitorCallback()
-    trainer = _trainer(tok, cured, tmp_path, cb)
+    # one optimizer step over 3 of the 7 conversations (the CI budget: the step, not the check, is costly)
+    trainer = _trainer(tok, cured, tmp_path, cb, per_device_train_batch_size=3)
     got = _collated(trainer, len(convs))
     assert len(got) == len(expected)
     for ids, labels in got:  # the labels TRL trains on are the reference, token for token
