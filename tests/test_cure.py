@@ -1,15 +1,15 @@
 """The cure (issue 13): ``assistant_only`` gives SFTTrainer exact assistant-only labels for any template.
 
 Proof, for every one of the 69 fixture templates (real tokenizer where the fixture has one, else a base
-tokenizer with the template's special tokens): a real ``SFTTrainer`` run (tiny random Llama from a config,
-one step over the whole dataset) on a conversational dataset through the cure trains on labels equal, token
-for token, to the independent reference of ``template_fixtures.reference_mask`` (read from the trainer's own
-prepared dataset through its own collator), and the monitor reports prompt leakage 0, response coverage 1
-and every end of turn supervised over the run (one step of 3 conversations); TRL's default preparation of the same conversations, audited by the
-monitor's own auditor and policy, is flagged as leaking (full default training runs are flagged in
-``test_leakage_e2e.py``; one optimizer step per template is what the CI budget allows). Then composition with TRL's
-options (packing, padding-free, truncation, prompt/completion, tools, streaming) on one real tokenizer,
-the collator route, and the one-line errors.
+tokenizer with the template's special tokens): a real ``SFTTrainer`` (tiny random Llama from a config) on a
+conversational dataset through the cure trains on labels equal, token for token, to the independent
+reference of ``template_fixtures.reference_mask`` (all 7 conversations, read from the trainer's own
+prepared dataset through its own collator), and its run (one optimizer step of 3 conversations: the CI
+budget) makes the monitor report prompt leakage 0, response coverage 1 and every end of turn supervised;
+TRL's default preparation of the same conversations, audited by the monitor's own auditor and policy, is
+flagged as leaking (full default training runs are flagged in ``test_leakage_e2e.py``). Then composition
+with TRL's options (packing, padding-free, truncation, prompt/completion, tools, streaming) on one real
+tokenizer, the collator route, and the one-line errors.
 """
 
 from __future__ import annotations

@@ -289,11 +289,9 @@ def run_audit(
     seconds.update(prepared.seconds)
 
     t2 = time.perf_counter()
-    plain_text = not fmt.startswith(("pre-tokenized", "conversational", "prompt-completion (conv"))
-    if plain_text:
-        tagger, family, note = None, None, "plain-text data: no chat template applies, prompt-leakage audit off"
-    else:
-        tagger, family, note = _role_tagger(tok, options.template)
+    # plain text too: text formatted by hand with the template's markup is audited like conversations
+    # (and whatever carries no marker is left out below)
+    tagger, family, note = _role_tagger(tok, options.template)
     seconds["template"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -335,9 +333,13 @@ def run_audit(
     pre_len = np.frombuffer(pre.length, dtype=np.int64) if n_in else np.zeros(0, dtype=np.int64)
     truncated = int((pre_len > max_length).sum()) if max_length is not None else 0
 
-    role_audit = tagger is not None and (totals.assistant_content_tokens > 0 or totals.assistant_turns > 0)
+    role_audit = tagger is not None and (
+        totals.assistant_content_tokens > 0 or totals.assistant_turns > 0 or totals.assistant_responses > 0
+    )
     if tagger is not None and not role_audit:
-        note = f"{family} template markers not found in the data: prompt-leakage audit off"
+        plain_text = not fmt.startswith(("pre-tokenized", "conversational", "prompt-completion (conv"))
+        note = ("plain-text data without chat markup: prompt-leakage audit off" if plain_text
+                else f"{family} template markers not found in the data: prompt-leakage audit off")
     # the dataset as the policy sees it: what reaches training, plus what preparation dropped or cut
     counts = totals.as_dict()
     if not role_audit:

@@ -641,6 +641,13 @@ def _tool_probe(
                 cut = len(tail[:cut].rstrip())
             start_at = tail_at + (cut if cut < len(tail.rstrip()) else 0)
             found.append((gen, [("assistant", start_at, len(gen))]))
+            try:  # and as written before an answer (a space the tokenizer keeps apart, say)
+                full = renderer.render(conv, tools=[_TOOL_DEF], **kwargs)
+            except Exception:  # noqa: BLE001
+                full = ""
+            answer = full.find("Qzxfinalword")
+            if full.startswith(gen[:start_at]) and answer >= len(gen.rstrip()):
+                found.append((full, [("assistant", start_at, answer)]))
     return found
 
 
