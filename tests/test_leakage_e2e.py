@@ -46,7 +46,7 @@ def test_default_conversational_sft_reports_prompt_leakage(zephyr_tokenizer, tmp
         header = (len(tok.apply_chat_template(m[:-1], add_generation_prompt=True, tokenize=True, return_dict=False))
                   - len(tok.apply_chat_template(m[:-1], tokenize=True, return_dict=False)))
         tail = len(ids) - 1 - max(i for i, a in enumerate(answer) if a)
-        assert tail == 1 and tok.decode(ids[-1]) == "\n"
+        assert tail >= 1 and not tok.decode(ids[-tail:]).strip()  # "\n" (one or two tokens, by version)
         supervised += len(ids) - 1
         headers += header
         leaked += (len(ids) - 1) - sum(answer[1:]) - header - tail
