@@ -17,6 +17,9 @@ It prints each timing, the medians and the ratios cure / trl (what a run pays in
 tokenization), cure / tokenize_batched (the tagging's own share) and cure / trl_assistant_masks. Run::
 
     OMP_NUM_THREADS=1 python benchmarks/cure_speed.py                     # 20k conversations, TinyLlama
+    OMP_NUM_THREADS=1 python benchmarks/cure_speed.py \
+        --tokenizer ../shared/fixtures/tokenizers/Phi-3-mini-4k-instruct \
+        --chat-template-from ../shared/fixtures/chat_templates/phi3__Phi-3-mini-4k-instruct__trl-training.json
     python benchmarks/cure_speed.py --tokenizer PATH --n 2000 --repeat 1  # quick
 """
 
@@ -75,7 +78,7 @@ def tokenize_batched(dataset, tok) -> float:
 
     t = time.perf_counter()
     out = dataset.map(fn, batched=True, batch_size=256, remove_columns=["messages"], load_from_cache_file=False,
-                      keep_in_memory=True)
+                      keep_in_memory=True, new_fingerprint=f"tokenize-{time.time_ns()}")  # as the cure does
     elapsed = time.perf_counter() - t
     assert len(out) == len(dataset)
     return elapsed
@@ -96,8 +99,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    ap.add_argument("--generation-template", default=None,
-                    help="a chat template with {% generation %} spans, for the assistant_masks baseline")
+    ap.add_argument("--chat-template-from", default=None, metavar="FIXTURE_JSON",
+                    help="use the chat_template of a fixture file (e.g. a TRL training variant with "
+                    "{% generation %} spans, which adds the assistant_masks baseline)")
     args = ap.parse_args()
 
     import datasets
@@ -107,11 +111,14 @@ def main() -> None:
     datasets.disable_progress_bars()
     datasets.disable_caching()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    if args.generation_template:
-        tok.chat_template = Path(args.generation_template).read_text()
+    if args.chat_template_from:
+        import json
+
+        tok.chat_template = json.loads(Path(args.chat_template_from).read_text())["chat_template"]
     has_spans = re.search(r"\{%-?\s*generation\s*-?%\}", tok.chat_template or "") is not None
     dataset = datasets.Dataset.from_list(conversations(args.n))
-    tokens = sum(len(tok.apply_chat_template(r["messages"], tokenize=True)) for r in dataset.select(range(200)))
+    tokens = sum(len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+                 for r in dataset.select(range(200)))
     print(f"{args.n} conversations (1-4 turns), ~{tokens / 200:.0f} tokens each; tokenizer "
           f"{Path(args.tokenizer).name}; torch threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")

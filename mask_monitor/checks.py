@@ -449,6 +449,7 @@ _DECLARED: tuple[Check, ...] = (
         "({share:.1%} supervised, threshold {threshold:.1%}): the model does not learn to stop there "
         "(include the end-of-turn token in the assistant mask).",
         _eot_unsupervised,
+        fix=(CURE_LINE, CURE_OFFLINE),
     ),
     Check(
         "unterminated_responses",

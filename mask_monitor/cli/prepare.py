@@ -192,8 +192,8 @@ def run(args: argparse.Namespace) -> int:
         for label, attr in COMPARED:
             b, a = summary["before"][attr], summary["after"][attr]
             print(f"{label:{width}}  {_fmt(attr, b):>10}  {_fmt(attr, a):>10}")
-        print(f"{'findings':{width}}  {','.join(summary['before']['findings']) or '-':>10}  "
-              f"{','.join(summary['after']['findings']) or '-':>10}")
+        for when in ("before", "after"):
+            print(f"findings {when}: {', '.join(summary[when]['findings']) or 'none'}")
     print(f"train on it: SFTTrainer(..., train_dataset=datasets.load_from_disk({str(out)!r}), ...)"
           if kind == "save_to_disk folder" else
           f"train on it: SFTTrainer(..., train_dataset=datasets.load_dataset("
