@@ -103,3 +103,32 @@ def test_turns_are_counted_by_where_they_start_mid_sequence(phi3):
     assert (s["assistant_responses"], s["assistant_turns"], s["unterminated_responses"]) == (2, 1, 1)
     table = sequence_stats(batch.clone(), roles=tagger(batch))
     assert table["unterminated_responses"].tolist() == [1] and table["assistant_responses"].tolist() == [2]
+
+
+def test_response_counts_are_vectorised_and_never_read_the_device():
+    """batch_stats with roles: the same ops whatever the shape (no per-token loop), and it runs on meta
+    tensors, which have no data (any .item() / bool() / .tolist() would raise)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counts = set()
+    for b, length in ((1, 16), (4, 512), (2, 4096)):
+        labels = torch.randint(0, 50, (b, length))
+        roles = torch.randint(0, 8, (b, length))
+        kw = {"attention_mask": torch.ones_like(labels), "position_ids": torch.arange(length).repeat(b, 1)}
+        with Ops() as ops:
+            batch_stats(labels, roles=roles, max_length=length, **kw)
+        counts.add(len(ops.ops))
+        assert not any("_local_scalar_dense" in op or "item" in op for op in ops.ops)
+    assert len(counts) == 1
+    meta = torch.zeros((3, 64), dtype=torch.long, device="meta")
+    out = batch_stats(meta, roles=meta, attention_mask=meta, position_ids=meta)
+    assert out.device.type == "meta"
