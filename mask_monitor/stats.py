@@ -171,84 +171,70 @@ def _role_masks(role_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 class _Responses(NamedTuple):
-    """Assistant responses, each flagged at the slot predicting the first token of its header."""
+    """Assistant responses, each flagged once, at the slot predicting its last token."""
 
-    started: torch.Tensor  # (b, width) bool: a response (header plus content or a closer) starts here
-    unterminated: torch.Tensor  # ... and it ends without an end of turn before its sequence ends
-    truncated: torch.Tensor  # ... and it runs, unclosed, into the end of a sequence that may have been cut
+    ended: torch.Tensor  # (b, width) bool: a response (a header's turn with content or a closer) ends here
+    unterminated: torch.Tensor  # ... without an end of turn, before its sequence ends or not at a cut
+    truncated: torch.Tensor  # ... without an end of turn, at the end of a sequence that may have been cut
 
 
 def _responses(
-    role_t: torch.Tensor,
+    content: torch.Tensor,
+    answer: torch.Tensor,
+    header: torch.Tensor,
     valid: torch.Tensor | None,
     starts: torch.Tensor | None,
     seq_len: int,
     max_length: int | None,
 ) -> _Responses:
-    """Find assistant responses by where they start (their header), and how each one ends.
+    """Assistant responses, one per turn whether or not it ends with its end-of-turn token.
 
-    A response runs from a header start over the answer roles (header, content, end of turn, separator)
-    of one sequence. It is *closed* when it holds an end of turn or separator text; otherwise it is
-    *unterminated* when another turn follows it, or when it runs into the end of a sequence that cannot
-    have been cut by a length limit; it is *truncated* when that sequence may have been cut: as long as
-    ``max_length`` (when given), or else the longest sequence of the micro-batch, or ending at the end of a
-    row without padding. A header with nothing after it (a generation prompt a template appends after
-    the last turn) is not a response. Vectorised over the flattened slots; no host sync.
+    A turn is a run of answer slots (header, content, end of turn, separator) of one sequence, split where
+    a header starts. It is a response unless it is a header alone (a generation prompt a template appends
+    after the last turn). It is *closed* when its last slot is an end of turn or separator text (the
+    tagger gives nothing else after them in a turn); an open one is *unterminated* when another turn
+    follows it, or when it runs into the end of a sequence that cannot have been cut by a length limit,
+    and *truncated* when that sequence may have been cut: as long as ``max_length`` (when given), or else
+    the longest sequence of the micro-batch, or ending at the end of a row without padding. A few shifted
+    compares and one running count per row; no scatter, no loop over tokens, no host sync.
     """
-    b, width = role_t.shape
-    dev = role_t.device
-    n = b * width
-    if n == 0:
+    b, width = answer.shape
+    dev = answer.device
+    if b * width == 0:
         none = torch.zeros((b, width), dtype=torch.bool, device=dev)
         return _Responses(none, none, none)
-    real = valid if valid is not None else torch.ones((b, width), dtype=torch.bool, device=dev)
-    answer = real & _role_masks(role_t)[3]
-    header = role_t == ROLE_ASSISTANT_HEADER
-    closer = (role_t == ROLE_END_OF_TURN) | (role_t == ROLE_SEPARATOR)
-    new_doc = torch.zeros((b, width), dtype=torch.bool, device=dev)
-    if width:
-        new_doc[:, 0] = True
+    if valid is not None:
+        answer = answer & valid
+    continues = F.pad(answer[:, :-1], (1, 0), value=False)  # the previous slot is this turn's
     if starts is not None:
-        new_doc = new_doc | starts
-    prev_answer = F.pad(answer[:, :-1], (1, 0), value=False) & ~new_doc
-    prev_header = F.pad(header[:, :-1], (1, 0), value=False)
-    head_start = answer & header & ~(prev_answer & prev_header)
-    brk = head_start | ~answer | ~prev_answer  # runs of answer slots, cut at each header start
-    seg = torch.cumsum(brk.reshape(-1), 0) - 1
-
-    def per_run(mask: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n, dtype=torch.int64, device=dev)
-        return out.scatter_add_(0, seg, mask.reshape(-1).to(torch.int64))
-
-    continues = F.pad((answer & ~brk)[:, 1:], (0, 1), value=False)
-    last = answer & ~continues
-    followed = F.pad((real & ~new_doc)[:, 1:], (0, 1), value=False)  # a real slot of the same sequence
-    # length (in slots) of the sequence each slot belongs to
-    if starts is not None:
-        doc = _segment_ids(starts)
-    else:
-        doc = torch.arange(b, device=dev).repeat_interleave(width)
-    doc_len = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(0, doc, real.reshape(-1).to(torch.int64))
-    own_len = doc_len[doc].reshape(b, width)
+        continues = continues & ~starts
+    head_start = header & ~(continues & F.pad(header[:, :-1], (1, 0), value=False))
+    goes_on = F.pad((answer & continues & ~head_start)[:, 1:], (0, 1), value=False)
+    last = answer & ~goes_on & ~header  # the last slot of a turn that is more than a header
+    open_ = last & content  # neither an end of turn nor a separator closes it
     row_end = torch.zeros((b, width), dtype=torch.bool, device=dev)  # the slot predicting a row's last token
     if seq_len >= 2:
         row_end[:, seq_len - 2] = True
+    if valid is None and starts is None:  # whole rows of one length: only a row's end can be a cut
+        if max_length is not None and seq_len < max_length:
+            return _Responses(last, open_, torch.zeros_like(open_))
+        unterminated = open_ & ~row_end
+        return _Responses(last, unterminated, open_ & row_end)
+    same_doc = valid if starts is None else (~starts if valid is None else valid & ~starts)
+    followed = F.pad(same_doc[:, 1:], (0, 1), value=False)  # a real slot of the same sequence follows
+    # real slots of the sequence so far (at a sequence's last real slot: its length in slots)
+    real = valid if valid is not None else torch.ones((b, width), dtype=torch.bool, device=dev)
+    so_far = torch.cumsum(real, dim=1, dtype=torch.int32)
+    if starts is not None:
+        pos = torch.arange(width, device=dev, dtype=torch.int32)  # a product, not a (slower) where
+        doc_start = torch.cummax(starts * pos, dim=1).values.long()  # column 0 starts a row's first sequence
+        so_far = so_far - (so_far - real.to(torch.int32)).gather(1, doc_start)
     if max_length is None:
-        may_be_cut = (own_len == doc_len.max()) | row_end  # n > 0 here
+        may_be_cut = (so_far == so_far.max()) | row_end
     else:  # a sequence of n slots has n + 1 tokens
-        may_be_cut = (own_len + 1 >= max_length) | (row_end & (seq_len >= max_length))
-    mid = per_run(last & followed) > 0
-    cut = per_run(last & ~followed & may_be_cut) > 0
-    closed = per_run(answer & closer) > 0
-    response = (per_run(head_start) > 0) & (closed | (per_run(answer & ~header) > 0))
-    unterminated = response & ~closed & (mid | ~cut)
-    truncated = response & ~closed & ~mid & cut
-    flat = head_start.reshape(-1)
-    return _Responses(
-        (flat & response[seg]).reshape(b, width),
-        (flat & unterminated[seg]).reshape(b, width),
-        (flat & truncated[seg]).reshape(b, width),
-    )
+        may_be_cut = (so_far + 1 >= max_length) | (row_end & (seq_len >= max_length))
+    unterminated = open_ & (followed | ~may_be_cut)
+    return _Responses(last, unterminated, open_ & ~unterminated)
 
 
 def batch_stats(
@@ -343,8 +329,8 @@ def batch_stats(
         cols["supervised_assistant_content_tokens"] = torch.count_nonzero(content & supervised).to(dtype)
         cols["assistant_turns"] = torch.count_nonzero(eot_first & in_slot).to(dtype)
         cols["supervised_eot_turns"] = torch.count_nonzero(eot_first & supervised).to(dtype)
-        resp = _responses(view.role_t, valid, starts, view.seq_len, max_length)
-        cols["assistant_responses"] = torch.count_nonzero(resp.started).to(dtype)
+        resp = _responses(content, answer, header, valid, starts, view.seq_len, max_length)
+        cols["assistant_responses"] = torch.count_nonzero(resp.ended).to(dtype)
         cols["unterminated_responses"] = torch.count_nonzero(resp.unterminated).to(dtype)
         cols["truncated_responses"] = torch.count_nonzero(resp.truncated).to(dtype)
     return torch.stack([cols.get(f, zero) for f in FIELDS])
@@ -390,9 +376,6 @@ def sequence_stats(
         ([3, 3], [2, 0], [4, 4])
     """
     view = _slots(labels, attention_mask, position_ids, shift_labels, roles, ignore_index)
-    resp = None
-    if view.role_t is not None:
-        resp = _responses(view.role_t, view.valid, view.starts, view.seq_len, max_length)
     supervised, valid = view.supervised, view.valid
     n_rows, width = supervised.shape
     length = view.seq_len
@@ -432,6 +415,8 @@ def sequence_stats(
     if view.role_t is not None:
         role_t = view.role_t if width == length else F.pad(view.role_t, (0, 1), value=ROLE_OTHER)
         content, eot_first, header, answer = _role_masks(role_t)
+        resp = _responses(content[:, :width], answer[:, :width], header[:, :width], view.valid, view.starts,
+                          view.seq_len, max_length)
         table["prompt_leakage_tokens"] = per_seg(supervised & ~answer & (role_t != ROLE_UNKNOWN))
         table["supervised_header_tokens"] = per_seg(supervised & header)
         table["assistant_content_tokens"] = per_seg(content & slots)
@@ -439,7 +424,7 @@ def sequence_stats(
         table["assistant_turns"] = per_seg(eot_first & slots)
         table["supervised_eot_turns"] = per_seg(eot_first & supervised)
         pad = (0, length - width)
-        table["assistant_responses"] = per_seg(F.pad(resp.started, pad, value=False))
+        table["assistant_responses"] = per_seg(F.pad(resp.ended, pad, value=False))
         table["unterminated_responses"] = per_seg(F.pad(resp.unterminated, pad, value=False))
         table["truncated_responses"] = per_seg(F.pad(resp.truncated, pad, value=False))
     for k in SEQUENCE_FIELDS:

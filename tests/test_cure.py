@@ -286,3 +286,17 @@ def test_refused_conversation_and_wrong_data_are_one_line_errors(caplog):
     with pytest.raises(CureError, match="already tokenized"):
         assistant_only(datasets.Dataset.from_list([{"input_ids": [1, 2]}]), gemma)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_callback_template_setting_accepts_a_family_and_a_file(phi3, tmp_path):
+    """``template=`` of the callback takes what ``--template`` takes: a family name, a description file."""
+    spec = tmp_path / "mine.json"
+    spec.write_text('{"family": "mine", "assistant": "<|assistant|>\\n", "end_of_turn": "<|end|>", '
+                    '"user": "<|user|>\\n"}')
+    cured = assistant_only(datasets.Dataset.from_list([{"messages": c} for c in PHI3_CONVS[:3]]), phi3)
+    for setting in ("phi3", str(spec)):
+        cb = MaskMonitorCallback(template=setting)
+        _trainer(phi3, cured, tmp_path / setting.replace("/", "_"), cb, per_device_train_batch_size=3).train()
+        s = cb.summary()
+        assert s["audited_supervised_tokens"] == s["supervised_tokens"] > 0, setting
+        assert s["prompt_leakage_tokens"] == 0 and s["response_coverage_ratio"] == 1.0, setting

@@ -33,9 +33,10 @@ ANSWER = (ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_
 
 
 def responses_reference(roles, valid, new_doc, seq_len, max_length=None):
-    """Walk each row's slots once: a response starts at a header slot (not continuing a header), runs over
-    answer slots of its sequence up to the next header start, and is closed by an end of turn or a
-    separator; an unclosed one is truncated when it reaches the end of a sequence that may be cut."""
+    """Walk each row's slots once: a turn is a run of answer slots of one sequence, split where a header
+    starts (a header slot not preceded by a header of the same run); it is a response unless it is a header
+    alone; closed when its last slot is an end of turn or separator; an open one is truncated when it
+    reaches the end of a sequence that may be cut, else unterminated."""
     B, W = len(roles), len(roles[0])
     doc_of, doc_len, doc = {}, [], -1
     for b in range(B):
@@ -52,33 +53,29 @@ def responses_reference(roles, valid, new_doc, seq_len, max_length=None):
     def answer(b, j):
         return valid[b][j] and roles[b][j] in ANSWER
 
-    def header_start(b, j):
-        continues = j > 0 and not new_doc[b][j] and answer(b, j - 1) and roles[b][j - 1] == ROLE_ASSISTANT_HEADER
-        return answer(b, j) and roles[b][j] == ROLE_ASSISTANT_HEADER and not continues
+    def continues(b, j):  # slot j belongs to the turn of slot j - 1
+        if j == 0 or new_doc[b][j] or not answer(b, j - 1):
+            return False
+        return not (roles[b][j] == ROLE_ASSISTANT_HEADER and roles[b][j - 1] != ROLE_ASSISTANT_HEADER)
 
     for b in range(B):
         j = 0
         while j < W:
-            if not header_start(b, j):
+            if not answer(b, j):
                 j += 1
                 continue
-            k, body, closed = j, False, False
-            while True:
-                body |= roles[b][k] != ROLE_ASSISTANT_HEADER
-                closed |= roles[b][k] in (ROLE_END_OF_TURN, ROLE_SEPARATOR)
-                n = k + 1
-                if n < W and not new_doc[b][n] and answer(b, n) and not header_start(b, n):
-                    k = n
-                    continue
-                break
+            k = j
+            while k + 1 < W and answer(b, k + 1) and continues(b, k + 1):
+                k += 1
+            last_role = roles[b][k]
             followed = k + 1 < W and valid[b][k + 1] and not new_doc[b][k + 1]
             if max_length is None:
                 cut = doc_len[doc_of[b, k]] == max(doc_len) or k == seq_len - 2
             else:
                 cut = doc_len[doc_of[b, k]] + 1 >= max_length or (k == seq_len - 2 and seq_len >= max_length)
-            if body or closed:
+            if last_role != ROLE_ASSISTANT_HEADER:
                 out["assistant_responses"] += 1
-                if not closed:
+                if last_role == ROLE_ASSISTANT_CONTENT:
                     key = "truncated_responses" if (not followed and cut) else "unterminated_responses"
                     out[key] += 1
             j = k + 1
