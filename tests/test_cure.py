@@ -236,6 +236,8 @@ def test_streaming_and_dataset_dicts(phi3):
     assert set(cured) == {"train", "test"} and cured["test"].column_names == ["input_ids", "assistant_masks"]
     streamed = assistant_only(datasets.Dataset.from_list(rows).to_iterable_dataset(), phi3)
     assert [r["assistant_masks"] for r in streamed] == cured["train"]["assistant_masks"]
+    parallel = assistant_only(datasets.Dataset.from_list(rows * 4), phi3, num_proc=2)  # the cure pickles
+    assert parallel["assistant_masks"] == cured["train"]["assistant_masks"] * 4
 
 
 # ------------------------------------------------------------------------------------------ the collator
