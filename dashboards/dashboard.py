@@ -18,6 +18,9 @@ from typing import Any
 
 from mask_monitor.counters import COUNTERS
 
+#: The chat-template counters exported to Prometheus, in declaration order (read, never relisted).
+TEMPLATE_COUNTERS: tuple[str, ...] = tuple(c.name for c in COUNTERS if c.template and c.prometheus)
+
 __all__ = ["build", "PANELS", "ANNOTATION_EXPR", "Panel", "UID"]
 
 UID = "mask-monitor"
@@ -279,19 +282,12 @@ _ROWS: list[tuple[str, list[Panel]]] = [
                 "Template audit tokens / s",
                 "Audited supervised tokens, prompt tokens supervised, assistant headers supervised, assistant content "
                 "tokens (all and "
-                "supervised), assistant turns and supervised end-of-turn tokens, per second.",
+                "supervised), assistant turns and supervised end-of-turn tokens, responses (all, unterminated, "
+                "truncated), per second.",
                 "short",
                 tuple(
                     (f"sum by (job) (rate(mask_monitor_{m}_total{R}{RI}))", f"{m} {{{{job}}}}")
-                    for m in (
-                        "audited_supervised_tokens",
-                        "prompt_leakage_tokens",
-                        "supervised_header_tokens",
-                        "assistant_content_tokens",
-                        "supervised_assistant_content_tokens",
-                        "assistant_turns",
-                        "supervised_eot_turns",
-                    )
+                    for m in TEMPLATE_COUNTERS
                 ),
                 width=24,
             ),

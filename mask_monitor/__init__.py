@@ -6,6 +6,10 @@ Quickstart::
     trainer = SFTTrainer(model=..., args=..., train_dataset=..., callbacks=[MaskMonitorCallback()])
     trainer.train()   # raises MaskMonitorAbort on an all-masked / zero-loss / NaN-loss step
 
+The cure for prompt leakage, any chat template (one line before the trainer)::
+
+    train_dataset = mask_monitor.assistant_only(train_dataset, tokenizer)
+
 The core (:class:`MaskAuditor`, :func:`batch_stats`, :class:`Policy`, :class:`MonitorConfig`) needs only
 torch; the transformers callback, the sinks and the chat-template tools are imported on first use.
 """
@@ -28,6 +32,7 @@ from .stats import batch_stats
 
 if TYPE_CHECKING:  # pragma: no cover - names resolved lazily by __getattr__ below
     from .callback import MaskMonitorCallback
+    from .cure import AssistantOnly, assistant_only, assistant_only_collator
     from .sinks import Sink, SinkConfigError
     from .templates import ChatTemplate, RoleTagger, assistant_token_mask, detect_template, register_template
 
@@ -41,6 +46,9 @@ _LAZY: dict[str, str] = {
     "assistant_token_mask": ".templates",
     "detect_template": ".templates",
     "register_template": ".templates",
+    "assistant_only": ".cure",
+    "AssistantOnly": ".cure",
+    "assistant_only_collator": ".cure",
 }
 
 __all__ = [
@@ -77,6 +85,9 @@ __all__ = [
     "assistant_token_mask",
     "detect_template",
     "register_template",
+    "assistant_only",
+    "AssistantOnly",
+    "assistant_only_collator",
 ]
 
 

@@ -306,8 +306,32 @@ def _eot_unsupervised(t: Totals, ctx: RuleContext) -> Numbers | None:
     return {"share": ratio, "threshold": threshold, "missed": t.assistant_turns - t.supervised_eot_turns}
 
 
+def _unterminated(t: Totals, ctx: RuleContext) -> Numbers | None:
+    if t.unterminated_responses <= 0 or _dead(t):
+        return None
+    return {"share": t.unterminated_responses / max(t.assistant_responses, 1)}
+
+
+def _unterminated_seen(n: Mapping[str, Any]) -> str:
+    where = "the dataset" if n.get("scope") == "dataset" else "step {step}"
+    return format_numbers(
+        "{unterminated_responses} of {assistant_responses} assistant responses in " + where + " ({share:.1%}) "
+        "end without their end-of-turn token although their sequence was not cut by max_length ({truncated_responses} "
+        "more run into a sequence end that may be truncation, not counted): the model never learns to stop there.",
+        n)
+
+
 # ------------------------------------------------------------------------------------------ the checks
 _AUDIT = "run `mask-monitor audit` on the dataset with the same tokenizer and trainer settings"
+#: The line that cures masks that train on the prompt (or miss the answer), for any chat template.
+CURE_LINE = (
+    "train_dataset = mask_monitor.assistant_only(train_dataset, tokenizer)  # before SFTTrainer(...): exact "
+    "assistant-only labels for any chat template (keep assistant_only_loss off)"
+)
+CURE_OFFLINE = (
+    "offline: mask-monitor prepare --tokenizer TOKENIZER --data DATA --out DIR, then train on "
+    "datasets.load_from_disk(DIR)"
+)
 
 _DECLARED: tuple[Check, ...] = (
     Check(
@@ -446,10 +470,11 @@ _DECLARED: tuple[Check, ...] = (
             "a wrong response marker, so the mask starts in the wrong place",
         ),
         to_check=(
-            "set assistant_only_loss=True (SFTConfig) with a template that has {% generation %} spans, or "
-            "completion_only_loss=True with a prompt/completion dataset",
+            "assistant_only_loss=True (SFTConfig) works only with a template that has {% generation %} spans; "
+            "completion_only_loss=True only with a prompt/completion dataset",
             "run `mask-monitor audit --show 3` to see the tokens coloured by label",
         ),
+        fix=(CURE_LINE, CURE_OFFLINE),
         offending=lambda t: t.prompt_leakage_tokens > 0,
     ),
     Check(
@@ -489,6 +514,13 @@ _DECLARED: tuple[Check, ...] = (
         "are supervised ({share:.1%}, threshold {threshold:.1%}): parts of the responses are masked "
         "(truncation, or a response marker that matches too late).",
         _response_coverage,
+        causes=(
+            "a response template (DataCollatorForCompletionOnlyLM, a hand-written marker) that matches late or "
+            "not at all in some turns (it tokenizes differently in context)",
+            "completion_only_loss on a conversation whose earlier assistant turns are in the prompt",
+            "truncation (max_length) cutting responses",
+        ),
+        fix=(CURE_LINE, CURE_OFFLINE),
     ),
     Check(
         "eot_unsupervised",
@@ -498,6 +530,31 @@ _DECLARED: tuple[Check, ...] = (
         "({share:.1%} supervised, threshold {threshold:.1%}): the model does not learn to stop there "
         "(include the end-of-turn token in the assistant mask).",
         _eot_unsupervised,
+        fix=(CURE_LINE, CURE_OFFLINE),
+    ),
+    Check(
+        "unterminated_responses",
+        "warn",
+        "assistant responses that end without their end-of-turn token (needs a known chat template)",
+        _unterminated_seen,
+        _unterminated,
+        causes=(
+            "text formatted without the end-of-turn / eos token (a formatting_func or text column built by "
+            "hand): the model never learns to stop",
+            "a chat template that writes nothing after the last answer (GLM-4, Falcon-style templates): the last "
+            "turn of every conversation stays open",
+            "the data's end-of-turn token is not the one the template uses (another model's template)",
+        ),
+        to_check=(
+            "decode one example: does each answer end with the template's end-of-turn token (<|im_end|>, </s>, "
+            "<|eot_id|>...)?",
+            "run `mask-monitor audit` to list the examples",
+        ),
+        fix=(
+            "end each response with the end-of-turn token: format conversations with tokenizer.apply_chat_template "
+            "(or append tokenizer.eos_token to each completion/text)",
+        ),
+        offending=lambda t: t.unterminated_responses > 0,
     ),
     Check(
         "dropped_sequences",

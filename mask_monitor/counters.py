@@ -109,7 +109,9 @@ _DECLARED: tuple[Counter, ...] = (
     _c("zero_loss_batches", "micro-batches", "Micro-batches with supervised targets whose loss is exactly 0."),
     _c("non_finite_loss_batches", "micro-batches", "Micro-batches whose loss is NaN or infinite."),
     _c("audited_supervised_tokens", "tokens",
-       "Supervised targets in sequences where the chat template's markers occur (denominator of prompt leakage).",
+       "Supervised targets whose role the chat template tells, in sequences where its markers occur (plain "
+       "text, and fragments cut from a conversation before their first turn marker, excluded): the denominator "
+       "of prompt leakage.",
        template=True),
     _c("untemplated_sequences", "sequences",
        "Sequences (rows or packed documents) in which no chat-template marker occurs (plain text, pre-packed "
@@ -125,11 +127,21 @@ _DECLARED: tuple[Counter, ...] = (
        template=True, per_sequence=True),
     _c("supervised_assistant_content_tokens", "tokens", "Assistant response content targets that are supervised.",
        template=True, per_sequence=True),
-    _c("assistant_turns", "turns", "Assistant turns closed by an end-of-turn token.", template=True,
+    _c("assistant_turns", "turns",
+       "Assistant turns closed by an end-of-turn token (denominator of end-of-turn supervision).", template=True,
        per_sequence=True),
     _c("supervised_eot_turns", "turns",
        "Assistant turns whose end-of-turn token is supervised (the model learns to stop).", template=True,
        per_sequence=True),
+    _c("assistant_responses", "turns",
+       "Assistant responses, counted where they start (their header), however they end.", template=True,
+       per_sequence=True),
+    _c("unterminated_responses", "turns",
+       "Assistant responses that end without their end-of-turn token although their sequence was not cut by "
+       "the length limit: the model never learns to stop there.", template=True, per_sequence=True),
+    _c("truncated_responses", "turns",
+       "Assistant responses that run without their end-of-turn token into the end of a sequence that may have "
+       "been cut by max_length (truncation, not missing data).", template=True, per_sequence=True),
     _c("dropped_sequences", "sequences",
        "Examples removed as fully masked while the dataset was prepared (TRL drops rows whose labels are all "
        "-100 after truncation): they never reach a batch.", scope="dataset", prometheus=False),

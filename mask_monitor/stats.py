@@ -46,7 +46,10 @@ __all__ = [
     "ROLE_ASSISTANT_HEADER",
     "ROLE_ASSISTANT_CONTENT",
     "ROLE_END_OF_TURN",
+    "ROLE_SEPARATOR",
+    "ROLE_UNKNOWN",
     "ROLE_NAMES",
+    "ANSWER_ROLES",
     "UnsupportedBatch",
     "SEQUENCE_FIELDS",
     "SLOT_STATUSES",
@@ -64,8 +67,14 @@ ROLE_SYSTEM = 1
 ROLE_USER = 2
 ROLE_ASSISTANT_HEADER = 3
 ROLE_ASSISTANT_CONTENT = 4
-ROLE_END_OF_TURN = 5  # the end-of-turn token(s) closing an *assistant* turn
-ROLE_NAMES = ("other", "system", "user", "assistant_header", "assistant_content", "end_of_turn")
+ROLE_END_OF_TURN = 5  # the end-of-turn token closing an *assistant* turn, and what follows it in that turn
+ROLE_SEPARATOR = 6  # text that closes an assistant turn without a token of its own (Falcon's "\n" before "User:")
+ROLE_UNKNOWN = 7  # a fragment cut from a conversation before its first opener (wrapped packing, keep_end)
+ROLE_NAMES = (
+    "other", "system", "user", "assistant_header", "assistant_content", "end_of_turn", "separator", "unknown",
+)
+#: Roles that belong to an assistant answer: supervising them is not prompt leakage.
+ANSWER_ROLES = (ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_SEPARATOR)
 
 _FIRST_MAX = len(SUM_FIELDS)  # max-reduced columns come last (counters.py orders them so)
 
@@ -164,13 +173,80 @@ def _slots(
 
 def _role_masks(role_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slots predicting: assistant content; the first token of an assistant end of turn; an assistant
-    header; any part of an assistant answer (content, end of turn, header: supervising anything else is
-    prompt leakage; headers are counted apart, see ``supervised_header_tokens``)."""
+    header; any part of an assistant answer (content, end of turn, header, separator text: supervising
+    anything else is prompt leakage; headers are counted apart, see ``supervised_header_tokens``)."""
     content = role_t == ROLE_ASSISTANT_CONTENT
     eot = role_t == ROLE_END_OF_TURN
     eot_first = eot & ~F.pad(eot[:, :-1], (1, 0), value=False)
     header = role_t == ROLE_ASSISTANT_HEADER
-    return content, eot_first, header, content | eot | header
+    return content, eot_first, header, content | eot | header | (role_t == ROLE_SEPARATOR)
+
+
+class _Responses(NamedTuple):
+    """Assistant responses, each flagged once, at the slot predicting its last token."""
+
+    ended: torch.Tensor  # (b, width) bool: a response (a header's turn with content or a closer) ends here
+    unterminated: torch.Tensor  # ... without an end of turn, before its sequence ends or not at a cut
+    truncated: torch.Tensor  # ... without an end of turn, at the end of a sequence that may have been cut
+
+
+def _responses(
+    content: torch.Tensor,
+    answer: torch.Tensor,
+    header: torch.Tensor,
+    valid: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    seq_len: int,
+    max_length: int | None,
+) -> _Responses:
+    """Assistant responses, one per turn whether or not it ends with its end-of-turn token.
+
+    A turn is a run of answer slots (header, content, end of turn, separator) of one sequence, split where
+    a header starts. It is a response unless it is a header alone (a generation prompt a template appends
+    after the last turn). It is *closed* when its last slot is an end of turn or separator text (the
+    tagger gives nothing else after them in a turn); an open one is *unterminated* when another turn
+    follows it, or when it runs into the end of a sequence that cannot have been cut by a length limit,
+    and *truncated* when that sequence may have been cut: as long as ``max_length`` (when given), or else
+    the longest sequence of the micro-batch, or ending at the end of a row without padding. A few shifted
+    compares and one running count per row; no scatter, no loop over tokens, no host sync.
+    """
+    b, width = answer.shape
+    dev = answer.device
+    if b * width == 0:
+        none = torch.zeros((b, width), dtype=torch.bool, device=dev)
+        return _Responses(none, none, none)
+    if valid is not None:
+        answer = answer & valid
+    continues = F.pad(answer[:, :-1], (1, 0), value=False)  # the previous slot is this turn's
+    if starts is not None:
+        continues = continues & ~starts
+    head_start = header & ~(continues & F.pad(header[:, :-1], (1, 0), value=False))
+    goes_on = F.pad((answer & continues & ~head_start)[:, 1:], (0, 1), value=False)
+    last = answer & ~goes_on & ~header  # the last slot of a turn that is more than a header
+    open_ = last & content  # neither an end of turn nor a separator closes it
+    row_end = torch.zeros((b, width), dtype=torch.bool, device=dev)  # the slot predicting a row's last token
+    if seq_len >= 2:
+        row_end[:, seq_len - 2] = True
+    if valid is None and starts is None:  # whole rows of one length: only a row's end can be a cut
+        if max_length is not None and seq_len < max_length:
+            return _Responses(last, open_, torch.zeros_like(open_))
+        unterminated = open_ & ~row_end
+        return _Responses(last, unterminated, open_ & row_end)
+    same_doc = valid if starts is None else (~starts if valid is None else valid & ~starts)
+    followed = F.pad(same_doc[:, 1:], (0, 1), value=False)  # a real slot of the same sequence follows
+    # real slots of the sequence so far (at a sequence's last real slot: its length in slots)
+    real = valid if valid is not None else torch.ones((b, width), dtype=torch.bool, device=dev)
+    so_far = torch.cumsum(real, dim=1, dtype=torch.int32)
+    if starts is not None:
+        pos = torch.arange(width, device=dev, dtype=torch.int32)  # a product, not a (slower) where
+        doc_start = torch.cummax(starts * pos, dim=1).values.long()  # column 0 starts a row's first sequence
+        so_far = so_far - (so_far - real.to(torch.int32)).gather(1, doc_start)
+    if max_length is None:
+        may_be_cut = (so_far == so_far.max()) | row_end
+    else:  # a sequence of n slots has n + 1 tokens
+        may_be_cut = (so_far + 1 >= max_length) | (row_end & (seq_len >= max_length))
+    unterminated = open_ & (followed | ~may_be_cut)
+    return _Responses(last, unterminated, open_ & ~unterminated)
 
 
 def batch_stats(
@@ -183,6 +259,7 @@ def batch_stats(
     roles: torch.Tensor | None = None,
     ignore_index: int = -100,
     causal: bool = True,
+    max_length: int | None = None,
 ) -> torch.Tensor:
     """Statistics of one micro-batch as a 1-D tensor laid out as :data:`FIELDS`, on ``labels.device``.
 
@@ -204,6 +281,9 @@ def batch_stats(
         causal: ``False`` for encoder-decoder models: ``labels`` are decoder targets, not shifted, and
             ``attention_mask`` is the decoder's; "no masking" is then the norm (the prompt is the
             encoder's), so ``unmasked_*`` are not counted.
+        max_length: the length limit sequences were truncated to, when known: an unclosed response
+            running into the end of a sequence that long is counted as truncated, not unterminated
+            (unknown: the longest sequence of the micro-batch, or a row without padding, may be cut).
 
     Raises:
         UnsupportedBatch: shapes the audit cannot interpret (the caller decides whether to skip).
@@ -262,9 +342,11 @@ def batch_stats(
     if view.role_t is not None:
         content, eot_first, header, answer = _role_masks(view.role_t)
         in_slot = slots if slots is not None else True
-        # rows / packed documents without any template marker are not a chat render: not audited for leakage
+        # rows / packed documents without any template marker are not a chat render (plain text, pre-packed
+        # ids), and a fragment cut before its first turn (ROLE_UNKNOWN) has no role anyone can tell: neither
+        # is audited for leakage
         marked = _template_marked(roles, position_ids, width)
-        audited = supervised & marked
+        audited = supervised & marked & (view.role_t != ROLE_UNKNOWN)
         if starts is None:
             seq_marked = marked[:, 0]
         else:
@@ -277,6 +359,10 @@ def batch_stats(
         cols["supervised_assistant_content_tokens"] = torch.count_nonzero(content & supervised).to(dtype)
         cols["assistant_turns"] = torch.count_nonzero(eot_first & in_slot).to(dtype)
         cols["supervised_eot_turns"] = torch.count_nonzero(eot_first & supervised).to(dtype)
+        resp = _responses(content, answer, header, valid, starts, view.seq_len, max_length)
+        cols["assistant_responses"] = torch.count_nonzero(resp.ended).to(dtype)
+        cols["unterminated_responses"] = torch.count_nonzero(resp.unterminated).to(dtype)
+        cols["truncated_responses"] = torch.count_nonzero(resp.truncated).to(dtype)
     return torch.stack([cols.get(f, zero) for f in FIELDS])
 
 
@@ -327,11 +413,11 @@ def _loss_cols(
 
 def _template_marked(roles: torch.Tensor, position_ids: torch.Tensor | None, width: int) -> torch.Tensor:
     """Which slots lie in a row (or packed document) that holds a chat-template marker at all (a role other
-    than ``ROLE_OTHER``): ``(b, 1)`` per row, ``(b, width)`` per slot for packed batches. Plain text or
+    than ``ROLE_OTHER`` / ``ROLE_UNKNOWN``): ``(b, 1)`` per row, ``(b, width)`` per slot for packed batches. Plain text or
     pre-packed ids under a chat-template tokenizer carry no marker: not a chat render, not audited for
     prompt leakage (never read as 100% prompt)."""
     roles = _as_2d("roles", roles)
-    has = roles != ROLE_OTHER
+    has = (roles != ROLE_OTHER) & (roles != ROLE_UNKNOWN)
     if position_ids is None:
         return has.any(dim=1, keepdim=True)
     seg = _segment_ids(_as_2d("position_ids", position_ids, roles.shape) == 0)
@@ -361,6 +447,7 @@ def sequence_stats(
     shift_labels: torch.Tensor | None = None,
     roles: torch.Tensor | None = None,
     ignore_index: int = -100,
+    max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The counts of :func:`batch_stats` split by sequence (a row, or a packed document).
 
@@ -418,12 +505,18 @@ def sequence_stats(
         role_t = view.role_t if width == length else F.pad(view.role_t, (0, 1), value=ROLE_OTHER)
         content, eot_first, header, answer = _role_masks(role_t)
         marked = _template_marked(roles, position_ids, supervised.shape[1])
-        table["prompt_leakage_tokens"] = per_seg(supervised & marked & ~answer)
+        resp = _responses(content[:, :width], answer[:, :width], header[:, :width], view.valid, view.starts,
+                          view.seq_len, max_length)
+        table["prompt_leakage_tokens"] = per_seg(supervised & marked & ~answer & (role_t != ROLE_UNKNOWN))
         table["supervised_header_tokens"] = per_seg(supervised & header)
         table["assistant_content_tokens"] = per_seg(content & slots)
         table["supervised_assistant_content_tokens"] = per_seg(content & supervised)
         table["assistant_turns"] = per_seg(eot_first & slots)
         table["supervised_eot_turns"] = per_seg(eot_first & supervised)
+        pad = (0, length - width)
+        table["assistant_responses"] = per_seg(F.pad(resp.ended, pad, value=False))
+        table["unterminated_responses"] = per_seg(F.pad(resp.unterminated, pad, value=False))
+        table["truncated_responses"] = per_seg(F.pad(resp.truncated, pad, value=False))
     for k in SEQUENCE_FIELDS:
         if k not in table:
             table[k] = torch.zeros(n_seg, dtype=torch.int64, device=seg.device)
@@ -466,7 +559,7 @@ def slot_status(
     if view.role_t is not None:
         answer = _role_masks(view.role_t)[3]
         marked = _template_marked(roles, position_ids, supervised.shape[1])
-        code[supervised & marked & ~answer] = SLOT_STATUSES.index("leakage")
+        code[supervised & marked & ~answer & (view.role_t != ROLE_UNKNOWN)] = SLOT_STATUSES.index("leakage")
     n_rows = supervised.shape[0]
     out = torch.full((n_rows, view.seq_len), SLOT_STATUSES.index("none"), dtype=torch.int8, device=code.device)
     out[:, 1:] = code[:, : view.seq_len - 1]

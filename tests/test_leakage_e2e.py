@@ -36,7 +36,8 @@ def test_default_conversational_sft_reports_prompt_leakage(zephyr_tokenizer, tmp
 
     # Independent expectation: labels == input_ids (TRL's default), so every target after position 0 is
     # supervised; the answer (content + end of turn) is assistant_token_mask (checked elsewhere against
-    # character spans); the assistant header is what the generation prompt adds; the rest is prompt.
+    # an independent reference); the assistant header is what the generation prompt adds; what the turn
+    # writes after its end of turn (the "\n" after </s>) is the answer's tail; the rest is prompt.
     supervised = leaked = headers = 0
     for i, m in enumerate(convs):
         ids = tok.apply_chat_template(m, tokenize=True, return_dict=False)
@@ -44,9 +45,11 @@ def test_default_conversational_sft_reports_prompt_leakage(zephyr_tokenizer, tmp
         answer = assistant_token_mask(tok, m)
         header = (len(tok.apply_chat_template(m[:-1], add_generation_prompt=True, tokenize=True, return_dict=False))
                   - len(tok.apply_chat_template(m[:-1], tokenize=True, return_dict=False)))
+        tail = len(ids) - 1 - max(i for i, a in enumerate(answer) if a)
+        assert tail >= 1 and not tok.decode(ids[-tail:]).strip()  # "\n" (one or two tokens, by version)
         supervised += len(ids) - 1
         headers += header
-        leaked += (len(ids) - 1) - sum(answer[1:]) - header
+        leaked += (len(ids) - 1) - sum(answer[1:]) - header - tail
     s = cb.summary()
     assert s["template_family"] == "zephyr"
     assert (s["supervised_tokens"], s["audited_supervised_tokens"]) == (supervised, supervised)

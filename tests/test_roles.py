@@ -16,7 +16,9 @@ from mask_monitor.stats import (
     ROLE_ASSISTANT_HEADER,
     ROLE_END_OF_TURN,
     ROLE_OTHER,
+    ROLE_SEPARATOR,
     ROLE_SYSTEM,
+    ROLE_UNKNOWN,
     ROLE_USER,
     as_dict,
     batch_stats,
@@ -44,15 +46,19 @@ def phi3_tagger(phi3):
     return RoleTagger.from_tokenizer(phi3, detect_template(phi3))
 
 
-def sequential_roles(ids: list[int], openers: dict[int, int], eot: int) -> list[int]:
-    """Reference: walk the ids once; an opener id sets the role, <|end|> closes an assistant turn."""
-    roles, state = [], ROLE_OTHER
+def sequential_roles(ids: list[int], openers: dict[int, int], eot: int, start: int) -> list[int]:
+    """Reference: walk the ids once; an opener id sets the role, <|end|> closes an assistant turn (it is
+    the end of turn, what follows it in the turn its tail); before the first opener a sequence that does
+    not begin like a conversation (with ``start``) is a fragment of unknown role."""
+    roles, state = [], (ROLE_OTHER if ids and ids[0] == start else ROLE_UNKNOWN)
     for t in ids:
         if t in openers:
             state = openers[t]
             roles.append(ROLE_ASSISTANT_HEADER if state == ROLE_ASSISTANT_CONTENT else state)
             continue
-        if t == eot and state in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN):
+        if state == ROLE_END_OF_TURN:
+            state = ROLE_SEPARATOR
+        if t == eot and state == ROLE_ASSISTANT_CONTENT:
             state = ROLE_END_OF_TURN
         roles.append(state)
     return roles
@@ -61,7 +67,7 @@ def sequential_roles(ids: list[int], openers: dict[int, int], eot: int) -> list[
 def phi3_reference(phi3, ids: list[int]) -> list[int]:
     tid = phi3.convert_tokens_to_ids
     openers = {tid("<|system|>"): ROLE_SYSTEM, tid("<|user|>"): ROLE_USER, tid("<|assistant|>"): ROLE_ASSISTANT_CONTENT}
-    return sequential_roles(ids, openers, tid("<|end|>"))
+    return sequential_roles(ids, openers, tid("<|end|>"), tid("<|system|>"))
 
 
 def test_real_phi3_tokenizer_strips_newlines_and_is_tagged_exactly(phi3, phi3_tagger):
@@ -72,8 +78,11 @@ def test_real_phi3_tokenizer_strips_newlines_and_is_tagged_exactly(phi3, phi3_ta
     roles = phi3_tagger(torch.tensor([ids]))[0].tolist()
     assert roles == phi3_reference(phi3, ids)
     mask = assistant_token_mask(phi3, CONV)
-    assert mask == [int(r in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN)) for r in phi3_reference(phi3, ids)]
-    # the decoded assistant tokens are the answers and their end of turn (and the final <|endoftext|>)
+    ref = phi3_reference(phi3, ids)
+    # content, and the first token of each end of turn (the token the model emits to stop)
+    first_eot = [r == ROLE_END_OF_TURN and (i == 0 or ref[i - 1] != ROLE_END_OF_TURN) for i, r in enumerate(ref)]
+    assert mask == [int(r == ROLE_ASSISTANT_CONTENT or f) for r, f in zip(ref, first_eot, strict=True)]
+    # the decoded assistant tokens are the answers and their end of turn (not the final <|endoftext|>)
     spans, cur = [], []
     for t, m in zip(ids, mask, strict=True):
         if m:
@@ -81,8 +90,7 @@ def test_real_phi3_tokenizer_strips_newlines_and_is_tagged_exactly(phi3, phi3_ta
         elif cur:
             spans.append(phi3.decode(cur))
             cur = []
-    spans.append(phi3.decode(cur))
-    assert spans == ["2 and 3.<|end|>", "5.\nThat is all.<|end|><|endoftext|>"]
+    assert not cur and spans == ["2 and 3.<|end|>", "5.\nThat is all.<|end|>"]
 
 
 def test_leakage_and_coverage_on_phi3(phi3, phi3_tagger):
@@ -91,7 +99,8 @@ def test_leakage_and_coverage_on_phi3(phi3, phi3_tagger):
     answer = (ref == ROLE_ASSISTANT_CONTENT) | (ref == ROLE_END_OF_TURN)
     roles = phi3_tagger(ids)
     header = ref == ROLE_ASSISTANT_HEADER
-    n_prompt_targets = int((~answer[0, 1:] & ~header[0, 1:]).sum())
+    tail = ref == ROLE_SEPARATOR  # what a turn writes after its end of turn: answer, not a target of its own
+    n_prompt_targets = int((~answer[0, 1:] & ~header[0, 1:] & ~tail[0, 1:]).sum())
     n_header_targets = int(header[0, 1:].sum())
     n_content = int((ref[0, 1:] == ROLE_ASSISTANT_CONTENT).sum())
 
@@ -120,11 +129,12 @@ def test_packed_rows_reset_at_each_document(phi3, phi3_tagger):
     row = a + b + tail
     pos = list(range(len(a))) + list(range(len(b))) + list(range(len(tail)))
     roles = phi3_tagger(torch.tensor([row]), torch.tensor([pos]))[0].tolist()
-    expected = phi3_reference(phi3, a) + phi3_reference(phi3, b) + [ROLE_OTHER] * len(tail)
+    expected = phi3_reference(phi3, a) + phi3_reference(phi3, b) + [ROLE_UNKNOWN] * len(tail)
     assert roles == expected
     # without position_ids the rows are one document: the tail continues b's last state
     flat = phi3_tagger(torch.tensor([row]))[0].tolist()
-    assert flat[-len(tail) :] == [ROLE_END_OF_TURN] * len(tail)
+    assert flat == phi3_reference(phi3, row)
+    assert flat[-len(tail) :] == [ROLE_SEPARATOR] * len(tail)  # a second <|end|> in one turn is its tail
     # 1-D inputs (and 1-D position_ids) work the same way
     assert phi3_tagger(torch.tensor(row), torch.tensor(pos)).tolist() == expected
 
@@ -140,7 +150,7 @@ def test_padded_batch_rows_are_independent(phi3, phi3_tagger):
     assert roles[0].tolist() == phi3_reference(phi3, a)
     assert roles[1, : len(b)].tolist() == phi3_reference(phi3, b)
     assert roles[2, n - len(b) :].tolist() == phi3_reference(phi3, b)
-    assert roles[2, : n - len(b)].tolist() == [ROLE_OTHER] * (n - len(b))  # left padding before any opener
+    assert roles[2, : n - len(b)].tolist() == [ROLE_UNKNOWN] * (n - len(b))  # left padding: no conversation start
 
 
 class _CountOps(TorchDispatchMode):
@@ -172,7 +182,7 @@ def test_tagging_is_vectorised_and_never_reads_the_device(zephyr_tokenizer):
 def test_from_tokenizer_without_template_raises(tokenizers_dir: Path):
     from transformers import AutoTokenizer
 
-    with pytest.raises(ValueError, match="no usable chat template"):
+    with pytest.raises(ValueError, match="no chat template; pass template=ChatTemplate.*register_template"):
         RoleTagger.from_tokenizer(AutoTokenizer.from_pretrained(tokenizers_dir / "phi-2"), None)
 
 
@@ -198,5 +208,6 @@ def test_cuda_tagging_without_host_sync(phi3, phi3_tagger):
 def test_rows_shorter_than_a_marker_and_empty_rows(zephyr_tokenizer):
     tagger = RoleTagger.from_tokenizer(zephyr_tokenizer)
     assert max(len(s) for s in tagger.assistant.seqs) > 2
-    assert tagger(torch.tensor([[1, 2]])).tolist() == [[ROLE_OTHER, ROLE_OTHER]]
+    # Zephyr conversations start with an opener: a row starting with anything else is a cut fragment
+    assert tagger(torch.tensor([[1, 2]])).tolist() == [[ROLE_UNKNOWN, ROLE_UNKNOWN]]
     assert tagger(torch.zeros((2, 0), dtype=torch.long)).shape == (2, 0)

@@ -13,6 +13,8 @@ from mask_monitor.stats import (
     ROLE_ASSISTANT_HEADER,
     ROLE_END_OF_TURN,
     ROLE_OTHER,
+    ROLE_SEPARATOR,
+    ROLE_UNKNOWN,
     ROLE_USER,
     SEQUENCE_FIELDS,
     SLOT_STATUSES,
@@ -26,12 +28,69 @@ from mask_monitor.stats import (
 IGN = -100
 
 
-def reference(labels, attention=None, position_ids=None, shift_labels=None, roles=None):
+ANSWER = (ROLE_ASSISTANT_HEADER, ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_SEPARATOR)
+
+
+def responses_reference(roles, valid, new_doc, seq_len, max_length=None):
+    """Walk each row's slots once: a turn is a run of answer slots of one sequence, split where a header
+    starts (a header slot not preceded by a header of the same run); it is a response unless it is a header
+    alone; closed when its last slot is an end of turn or separator; an open one is truncated when it
+    reaches the end of a sequence that may be cut, else unterminated."""
+    B, W = len(roles), len(roles[0])
+    doc_of, doc_len, doc = {}, [], -1
+    for b in range(B):
+        for j in range(W):
+            if j == 0 or new_doc[b][j]:
+                doc += 1
+                doc_len.append(0)
+            doc_of[b, j] = doc
+            doc_len[doc] += int(valid[b][j])
+    out = {"assistant_responses": 0, "unterminated_responses": 0, "truncated_responses": 0}
+    if not doc_len:
+        return out
+
+    def answer(b, j):
+        return valid[b][j] and roles[b][j] in ANSWER
+
+    def continues(b, j):  # slot j belongs to the turn of slot j - 1
+        if j == 0 or new_doc[b][j] or not answer(b, j - 1):
+            return False
+        return not (roles[b][j] == ROLE_ASSISTANT_HEADER and roles[b][j - 1] != ROLE_ASSISTANT_HEADER)
+
+    for b in range(B):
+        j = 0
+        while j < W:
+            if not answer(b, j):
+                j += 1
+                continue
+            k = j
+            while k + 1 < W and answer(b, k + 1) and continues(b, k + 1):
+                k += 1
+            last_role = roles[b][k]
+            followed = k + 1 < W and valid[b][k + 1] and not new_doc[b][k + 1]
+            if max_length is None:
+                cut = doc_len[doc_of[b, k]] == max(doc_len) or k == seq_len - 2
+            else:
+                cut = doc_len[doc_of[b, k]] + 1 >= max_length or (k == seq_len - 2 and seq_len >= max_length)
+            if last_role != ROLE_ASSISTANT_HEADER:
+                out["assistant_responses"] += 1
+                if last_role == ROLE_ASSISTANT_CONTENT:
+                    key = "truncated_responses" if (not followed and cut) else "unterminated_responses"
+                    out[key] += 1
+            j = k + 1
+    return out
+
+
+def reference(labels, attention=None, position_ids=None, shift_labels=None, roles=None, max_length=None):
     """Slow, obvious, per-token count of what a shifted causal-LM loss sees."""
     B, L = len(labels), len(labels[0])
     out = dict.fromkeys(FIELDS, 0.0)
     out["micro_batches"] = 1
     seqs = []  # (slots, supervised, holds a template marker) per sequence
+    W = L if shift_labels is not None else L - 1  # slot columns
+    grid_valid = [[False] * W for _ in range(B)]
+    grid_new_doc = [[False] * W for _ in range(B)]
+    grid_role = [[0] * W for _ in range(B)]
     for b in range(B):
         cur = None
         marked = _marked_by_position(roles[b], position_ids[b] if position_ids is not None else None) \
@@ -57,6 +116,10 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                     real = attention[b][j + 1] if attention is not None else True
                     boundary = position_ids is not None and position_ids[b][j + 1] == 0
             valid = bool(real) and not boundary
+            if j < W:
+                grid_valid[b][j], grid_new_doc[b][j] = valid, starts
+                if roles is not None:
+                    grid_role[b][j] = roles[b][j + 1] if j + 1 < L else 0
             sup = tgt != IGN
             if valid or sup:
                 out["target_tokens"] += 1
@@ -69,11 +132,12 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
             if roles is not None:
                 role = roles[b][j + 1] if j + 1 < L else 0
                 eot_first = role == ROLE_END_OF_TURN and not (j >= 1 and roles[b][j] == ROLE_END_OF_TURN)
-                if sup and marked[j]:  # rows / documents without any marker are not audited for leakage
+                # rows / documents without any marker, and fragments before a row's first turn, are not audited
+                if sup and marked[j] and role != ROLE_UNKNOWN:
                     out["audited_supervised_tokens"] += 1
                     if role == ROLE_ASSISTANT_HEADER:
                         out["supervised_header_tokens"] += 1
-                    elif role not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN):
+                    elif role not in ANSWER:
                         out["prompt_leakage_tokens"] += 1
                 if role == ROLE_ASSISTANT_CONTENT and (valid or sup):
                     out["assistant_content_tokens"] += 1
@@ -83,6 +147,8 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                     out["assistant_turns"] += 1
                 if eot_first and sup:
                     out["supervised_eot_turns"] += 1
+    if roles is not None:
+        out.update(responses_reference(grid_role, grid_valid, grid_new_doc, L, max_length))
     out["masked_tokens"] = out["target_tokens"] - out["supervised_tokens"]
     live = [s for s in seqs if s[0] > 0]
     out["sequences"] = len(live)
@@ -97,22 +163,22 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
 
 
 def _marked_by_position(roles_row, pos_row=None):
-    """Per position: does its row (or packed document) hold any template marker (a role other than 0)?"""
+    """Per position: does its row (or packed document) hold any template marker (a role other than other / unknown)?"""
     L = len(roles_row)
     docs, cur = [], -1
     for j in range(L):
         if j == 0 or (pos_row is not None and pos_row[j] == 0):
             cur += 1
         docs.append(cur)
-    has = {d for d, r in zip(docs, roles_row, strict=True) if r != 0}
+    has = {d for d, r in zip(docs, roles_row, strict=True) if r not in (ROLE_OTHER, ROLE_UNKNOWN)}
     return [d in has for d in docs]
 
 
-def check(labels, **kw):
+def check(labels, max_length=None, **kw):
     t = {k: (torch.tensor(v) if v is not None else None) for k, v in kw.items()}
-    got = as_dict(batch_stats(torch.tensor(labels), **t))
+    got = as_dict(batch_stats(torch.tensor(labels), max_length=max_length, **t))
     exp = reference(labels, attention=kw.get("attention_mask"), position_ids=kw.get("position_ids"),
-                    shift_labels=kw.get("shift_labels"), roles=kw.get("roles"))
+                    shift_labels=kw.get("shift_labels"), roles=kw.get("roles"), max_length=max_length)
     for k in FIELDS:
         if k.startswith("loss") or k.endswith("loss_batches"):
             continue
@@ -202,10 +268,10 @@ def test_random_batches_match_reference():
                 pos.append(row)
             kw["position_ids"] = pos
         if rng.random() < 0.5:
-            kw["roles"] = [[rng.randint(0, 5) for _ in range(L)] for _ in range(B)]
+            kw["roles"] = [[rng.choice([0, 1, 2, 3, 3, 3, 4, 4, 5, 6]) for _ in range(L)] for _ in range(B)]
         if rng.random() < 0.3:  # already shifted targets (context parallelism): any values, any masks
             kw["shift_labels"] = [[rng.choice([IGN, rng.randint(0, 50)]) for _ in range(L)] for _ in range(B)]
-        check(labels, **kw)
+        check(labels, max_length=rng.choice([None, None, rng.randint(2, 12)]), **kw)
 
 
 def _random_tensors(rng: random.Random, roles: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -220,7 +286,7 @@ def _random_tensors(rng: random.Random, roles: bool) -> tuple[torch.Tensor, dict
         kw["position_ids"] = torch.tensor([[0 if j == 0 or rng.random() < 0.25 else 1 for j in range(L)]
                                            for _ in range(B)])
     if roles:
-        kw["roles"] = torch.tensor([[rng.randint(0, 5) for _ in range(L)] for _ in range(B)])
+        kw["roles"] = torch.tensor([[rng.choice([0, 1, 2, 3, 3, 3, 4, 4, 5, 6]) for _ in range(L)] for _ in range(B)])
     return labels, kw
 
 

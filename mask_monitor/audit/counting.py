@@ -63,6 +63,7 @@ class AuditCounter:
     """Accumulates totals (batch_stats), per-sequence ratios, fully masked reasons and worst examples."""
 
     ignore_index: int = -100
+    max_length: int | None = None  # the truncation limit: tells truncated responses from unterminated ones
     keep_worst: int = 10
     keep_first: int = 0
     totals_vectors: list[torch.Tensor] = field(default_factory=list)
@@ -88,7 +89,7 @@ class AuditCounter:
         labels = batch["labels"]
         position_ids = batch.get("position_ids")
         given = dict(attention_mask=batch.get("attention_mask"), position_ids=position_ids, roles=roles,
-                     ignore_index=self.ignore_index)
+                     ignore_index=self.ignore_index, max_length=self.max_length)
         vec = batch_stats(labels, **given)
         table = sequence_stats(labels, **given)
         values = vec.tolist()

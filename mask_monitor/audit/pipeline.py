@@ -50,7 +50,7 @@ class AuditOptions:
     num_proc: int | None = None
     streaming: bool = False
     batch_size: int = 256
-    template: str = "auto"  # "auto" or "none"
+    template: Any = "auto"  # "auto", "none", a family name, a ChatTemplate file, or a ChatTemplate
     show: int = 0
     keep_worst: int = 10
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -91,6 +91,30 @@ class AuditResult:
     thresholds: dict[str, float]
     fail_on: str
     decode: Callable[[list[int]], list[str]] | None = None
+    template_setting: Any = "auto"
+    split: str = "train"
+
+    @property
+    def fix(self) -> list[str]:
+        """The exact line(s) that fix the run, when its masks train on the prompt or miss the answer."""
+        if not any(f.check in ("prompt_leakage", "response_coverage") for f in self.findings):
+            return []
+        if not self.data_format.startswith(("conversational", "prompt-completion (conv")):
+            return ["rebuild input_ids and assistant_masks from the conversations with "
+                    "mask_monitor.assistant_only(conversations, tokenizer) (the data here is already tokenized)"]
+        import shlex
+        from pathlib import Path
+
+        out = Path(self.data.rstrip("/")).stem + "_answers"
+        cmd = f"mask-monitor prepare --tokenizer {shlex.quote(self.tokenizer)} --data {shlex.quote(self.data)}"
+        if self.split != "train":
+            cmd += f" --split {shlex.quote(self.split)}"
+        if isinstance(self.template_setting, str) and self.template_setting != "auto":
+            cmd += f" --template {shlex.quote(self.template_setting)}"
+        return [
+            "train_dataset = mask_monitor.assistant_only(train_dataset, tokenizer)  # before SFTTrainer(...)",
+            f"{cmd} --out {shlex.quote(out)}  # offline; then train on datasets.load_from_disk({out!r})",
+        ]
 
     @property
     def blocking(self) -> list[Finding]:
@@ -183,6 +207,7 @@ class AuditResult:
             "supervised_ratio_distribution": self.distribution(),
             "worst_examples": [r.as_dict() for r in self.worst],
             "trl_messages": list(self.trl_messages),
+            "fix": self.fix,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -204,17 +229,26 @@ def load_tokenizer(spec: str) -> Any:
         raise InputError(f"could not load tokenizer {spec!r}: {first}") from exc
 
 
-def _role_tagger(tokenizer: Any, mode: str) -> tuple[Any, str | None, str | None]:
-    if mode == "none":
-        return None, None, "template audit off (--template none)"
+def _role_tagger(tokenizer: Any, mode: Any) -> tuple[Any, str | None, str | None]:
+    """The tagger of ``--template`` (auto, none, a family name, a description file, a ChatTemplate)."""
     try:
-        from ..templates import RoleTagger, detect_template
+        from ..templates import RoleTagger, TemplateSpecError, detect_template, resolve_template, why_unreadable
     except ImportError:
         return None, None, "template knowledge not available in this build"
     try:
-        template = detect_template(tokenizer)
+        template = resolve_template(mode)
+    except TemplateSpecError as exc:
+        raise InputError(f"--template: {exc}") from None
+    if template is None:
+        return None, None, "template audit off (--template none)"
+    if template == "auto":
+        try:
+            template = detect_template(tokenizer)
+        except Exception as exc:  # noqa: BLE001 - the leakage audit is optional
+            return None, None, f"template audit off ({type(exc).__name__}: {exc})"
         if template is None:
-            return None, None, "no usable chat template: prompt-leakage audit off"
+            return None, None, f"prompt-leakage audit off: {why_unreadable(tokenizer)}"
+    try:
         return RoleTagger.from_tokenizer(tokenizer, template), template.family, None
     except Exception as exc:  # noqa: BLE001 - the leakage audit is optional
         return None, None, f"template audit off ({type(exc).__name__}: {exc})"
@@ -255,15 +289,13 @@ def run_audit(
     seconds.update(prepared.seconds)
 
     t2 = time.perf_counter()
-    plain_text = not fmt.startswith(("pre-tokenized", "conversational", "prompt-completion (conv"))
-    if plain_text:
-        tagger, family, note = None, None, "plain-text data: no chat template applies, prompt-leakage audit off"
-    else:
-        tagger, family, note = _role_tagger(tok, options.template)
+    # plain text too: text formatted by hand with the template's markup is audited like conversations
+    # (and whatever carries no marker is left out below)
+    tagger, family, note = _role_tagger(tok, options.template)
     seconds["template"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    counter = AuditCounter(ignore_index=options.monitor.ignore_index,
+    counter = AuditCounter(ignore_index=options.monitor.ignore_index, max_length=args.max_length,
                            keep_worst=max(options.keep_worst, options.show), keep_first=max(options.show, 0))
     pre_sup = prepared.pre.supervised
     total_rows = None if prepared.streaming else len(prepared.dataset)
@@ -301,12 +333,16 @@ def run_audit(
     pre_len = np.frombuffer(pre.length, dtype=np.int64) if n_in else np.zeros(0, dtype=np.int64)
     truncated = int((pre_len > max_length).sum()) if max_length is not None else 0
 
-    role_audit = tagger is not None and (totals.assistant_content_tokens > 0 or totals.assistant_turns > 0)
+    role_audit = tagger is not None and (
+        totals.assistant_content_tokens > 0 or totals.assistant_turns > 0 or totals.assistant_responses > 0
+    )
     if dropped and not counter.rows:
         note = (f"TRL dropped all {dropped} examples as fully masked while preparing the dataset: nothing reaches "
                 "training, so there is nothing to audit for prompt leakage")
     elif tagger is not None and not role_audit:
-        note = f"{family} template markers not found in the data: prompt-leakage audit off"
+        plain_text = not fmt.startswith(("pre-tokenized", "conversational", "prompt-completion (conv"))
+        note = ("plain-text data without chat markup: prompt-leakage audit off" if plain_text
+                else f"{family} template markers not found in the data: prompt-leakage audit off")
     # the dataset as the policy sees it: what reaches training, plus what preparation dropped or cut
     counts = totals.as_dict()
     if not role_audit:
@@ -358,6 +394,8 @@ def run_audit(
         },
         fail_on=options.fail_on,
         decode=decode,
+        template_setting=options.template,
+        split=options.split,
     )
     result.findings = Policy(options.monitor).evaluate(totals, scope="dataset")
     seconds["total"] = time.perf_counter() - t0

@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from typing import IO, Any
 
-from ..stats import ROLE_ASSISTANT_CONTENT, ROLE_ASSISTANT_HEADER, ROLE_END_OF_TURN, ROLE_NAMES
+from ..stats import ANSWER_ROLES, ROLE_NAMES, ROLE_UNKNOWN
 from .counting import SequenceRecord
 from .pipeline import AuditResult
 
@@ -51,7 +51,7 @@ def token_status(
             out.append("start")
         elif labels[i] == ignore_index:
             out.append("masked")
-        elif roles is not None and roles[i] not in (ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN, ROLE_ASSISTANT_HEADER):
+        elif roles is not None and roles[i] not in ANSWER_ROLES and roles[i] != ROLE_UNKNOWN:
             out.append("leakage")
         else:
             out.append("supervised")
@@ -119,6 +119,10 @@ def _rows(r: AuditResult) -> list[tuple[str, str]]:
                      f"{_n(t.assistant_content_tokens)} assistant tokens supervised"))
         rows.append(("end-of-turn supervised", f"{_n(t.supervised_eot_turns)} of {_n(t.assistant_turns)} turns "
                      f"({_pct(t.eot_supervised_ratio)})"))
+        if t.unterminated_responses or t.truncated_responses:
+            rows.append(("responses without end of turn",
+                         f"{_n(t.unterminated_responses)} of {_n(t.assistant_responses)} (not truncation); "
+                         f"{_n(t.truncated_responses)} more cut by max_length"))
     else:
         rows.append(("prompt leakage", f"not audited ({r.template_note})"))
     if r.settings.get("max_length") is not None:
@@ -178,6 +182,8 @@ def render_terminal(r: AuditResult, console: Any = None, show: int = 0, max_toke
         lines.append(Text.assemble(("  ! ", "bold yellow"), (f"{f.check}: ", "bold"), f.message))
     if not r.findings:
         lines.append(Text("  ✓ no finding", style="green"))
+    for i, line in enumerate(r.fix):
+        lines.append(Text.assemble(("  Fix: " if i == 0 else "   or: ", "bold green"), (line, "bold")))
     console.print(Panel(Group(*lines), title="mask-monitor audit", title_align="left",
                         border_style="red" if r.blocking else "green"))
 
@@ -349,6 +355,7 @@ def render_html(r: AuditResult, show: int = 10, max_tokens: int = 600) -> str:
 <h1>mask-monitor audit</h1>
 <div class="verdict {verdict_cls}" id="verdict">{e(verdict)}</div>
 <ul class="findings">{findings}</ul>
+{"".join(f'<p class="fix"><b>Fix:</b> <code>{e(line)}</code></p>' for line in r.fix)}
 <h2>Summary</h2>
 <table class="kv" id="summary">{kv}</table>
 <h2>Supervised ratio per example</h2>

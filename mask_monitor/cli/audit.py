@@ -99,8 +99,10 @@ def register(subparsers: Any) -> None:
                      help="same as --set response_coverage_threshold=X")
     chk.add_argument("--allow-prompt-training", action="store_true",
                      help="deprecated: same as --set prompt_leakage=warn (the default)")
-    chk.add_argument("--template", choices=["auto", "none"], default="auto",
-                     help="chat-template audit (prompt leakage, coverage, end of turn): auto or none")
+    chk.add_argument("--template", default="auto", metavar="auto|none|FAMILY|FILE",
+                     help="chat-template audit (prompt leakage, coverage, end of turn): auto (detect), none, a "
+                     "registered family name, or a JSON/YAML file of ChatTemplate fields (as template= of the "
+                     "callback)")
     out = p.add_argument_group("output")
     out.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with coloured tokens")
     out.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -130,6 +132,12 @@ def build_options(args: argparse.Namespace) -> Any:
             raise UsageError(f"{name} must be at least 1, got {value}")
     if args.show < 0:
         raise UsageError(f"--show must be >= 0, got {args.show}")
+    from ..templates import TemplateSpecError, resolve_template
+
+    try:
+        resolve_template(args.template)
+    except TemplateSpecError as exc:
+        raise UsageError(f"--template: {exc}") from None
     given: dict[str, Any] = {field: getattr(args, opt) for opt, field in _THRESHOLDS.items()}
     if args.allow_prompt_training:
         print("mask-monitor: --allow-prompt-training is deprecated: prompt leakage is a warning unless "

@@ -16,7 +16,7 @@ from ._errors import EXIT_USAGE, report_error
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = ("demo", "audit", "wandb_report")
+SUBCOMMANDS = ("demo", "audit", "prepare", "wandb_report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,25 +29,37 @@ from typing import Any
 
 import torch
 
-from mask_monitor.stats import ROLE_ASSISTANT_CONTENT, ROLE_END_OF_TURN
 from mask_monitor.templates.chat_template import ChatTemplate
-from mask_monitor.templates.roles import RoleTagger
+from mask_monitor.templates.roles import RoleTagger, answer_mask
 
 __all__ = ["assistant_token_mask", "tagger_for"]
 
 _TAGGERS: weakref.WeakKeyDictionary[Any, dict[Any, RoleTagger]] = weakref.WeakKeyDictionary()
 
 
-def tagger_for(tokenizer: Any, template: ChatTemplate | None = None) -> RoleTagger:
-    """A cached :class:`RoleTagger` for ``tokenizer`` (and ``template``, detected when ``None``)."""
-    key = (template, getattr(tokenizer, "chat_template", None))
+def tagger_for(tokenizer: Any, template: ChatTemplate | None = None, **chat_template_kwargs: Any) -> RoleTagger:
+    """A cached :class:`RoleTagger` for ``tokenizer`` (and ``template``, detected when ``None``; and the
+    template variables the conversations are rendered with, which can change the generation prompt)."""
+    key = (template, getattr(tokenizer, "chat_template", None), _freeze(chat_template_kwargs))
     try:
         per_tok = _TAGGERS.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable
-        return RoleTagger.from_tokenizer(tokenizer, template)
+        return RoleTagger.from_tokenizer(tokenizer, template, **chat_template_kwargs)
     if key not in per_tok:
-        per_tok[key] = RoleTagger.from_tokenizer(tokenizer, template)
+        per_tok[key] = RoleTagger.from_tokenizer(tokenizer, template, **chat_template_kwargs)
     return per_tok[key]
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def assistant_token_mask(
@@ -72,5 +84,6 @@ def assistant_token_mask(
     ids = list(enc["input_ids"])
     if not ids:
         return []
-    roles = tagger_for(tokenizer, template)(torch.tensor([ids], dtype=torch.long))[0]
-    return ((roles == ROLE_ASSISTANT_CONTENT) | (roles == ROLE_END_OF_TURN)).to(torch.long).tolist()
+    kwargs = {k: v for k, v in chat_template_kwargs.items() if k not in ("tools", "documents", "chat_template")}
+    roles = tagger_for(tokenizer, template, **kwargs)(torch.tensor([ids], dtype=torch.long))[0]
+    return answer_mask(roles).to(torch.long).tolist()

@@ -97,8 +97,15 @@ class ChatTemplate:
         )
 
 
-def describe(template: ChatTemplate | None) -> str:
+def describe(template: ChatTemplate | str | None) -> str:
     """One log line saying which template the audit uses (or that there is none)."""
+    if isinstance(template, str):
+        from mask_monitor.templates.spec import resolve_template
+
+        resolved = resolve_template(template)
+        if resolved == "auto":
+            return "chat template: detected from the tokenizer"
+        template = resolved  # type: ignore[assignment]
     if template is None:
         return (
             "no chat template: leakage audit off, masked-fraction audit on "

@@ -91,7 +91,8 @@ def render_probe(
             text = renderer.render(probe_conversation(contents, system=with_system), **kwargs)
             return ProbeRender(text, contents, with_system)
         except Exception as exc:  # noqa: BLE001 - templates raise anything (TemplateError, ValueError...)
-            errors.append(f"{type(exc).__name__}: {exc}")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            errors.append(f"{type(exc).__name__}: {first}")
     raise ValueError("the chat template cannot render a user/assistant conversation: " + "; ".join(errors))
 
 
@@ -113,9 +114,28 @@ def derive_template(renderer: TemplateRenderer, **render_kwargs: Any) -> ChatTem
     s_sys, u1, a1, u2, a2 = SENTINELS
     text = probe.text
 
+    # Renders that end on the last user turn, without and with the generation prompt.
+    msgs = probe_conversation(SENTINELS, system=probe.with_system)[:-1]
+    try:
+        no_gen = renderer.render(msgs, add_generation_prompt=False, **render_kwargs)
+        user_tail = no_gen[no_gen.rindex(u2) + len(u2) :]
+    except Exception:  # noqa: BLE001
+        user_tail = ""
+    try:
+        gen = renderer.render(msgs, add_generation_prompt=True, **render_kwargs)
+        gen_tail: str | None = gen[gen.rindex(u2) + len(u2) :]
+    except Exception:  # noqa: BLE001
+        gen_tail = None
+
     # End of an assistant turn: what follows it both mid-conversation and at the very end.
     g_au = probe.gap_after(a1)
     g_end = text[probe.end(a2) :]
+    if gen_tail is not None:
+        # a template that writes a generation prompt after the last turn even without
+        # add_generation_prompt: that prompt is not part of the turn's end
+        gen_only = gen_tail[len(snap_prefix(gen_tail, len(common_prefix(gen_tail, user_tail)), specials)) :]
+        if gen_only.strip() and g_end.endswith(gen_only):
+            g_end = g_end[: len(g_end) - len(gen_only)]
     closer = snap_prefix(g_au, len(common_prefix(g_au, g_end)), specials)
     alt: tuple[str, ...] = ()
     if closer.strip():
@@ -134,16 +154,7 @@ def derive_template(renderer: TemplateRenderer, **render_kwargs: Any) -> ChatTem
 
     # Assistant opener: the gap before the last assistant content minus the user turn's closer.
     g_ua = probe.gap_before(a2)
-    msgs = probe_conversation(SENTINELS, system=probe.with_system)[:-1]
-    try:
-        no_gen = renderer.render(msgs, add_generation_prompt=False, **render_kwargs)
-        user_tail = no_gen[no_gen.rindex(u2) + len(u2) :]
-    except Exception:  # noqa: BLE001
-        user_tail = ""
-    try:
-        gen = renderer.render(msgs, add_generation_prompt=True, **render_kwargs)
-        gen_tail = gen[gen.rindex(u2) + len(u2) :]
-    except Exception:  # noqa: BLE001
+    if gen_tail is None:
         gen_tail = g_ua
     user_closer = snap_prefix(g_ua, len(common_prefix(g_ua, user_tail)), specials)
     opener = g_ua[len(user_closer) :]
@@ -163,7 +174,7 @@ def derive_template(renderer: TemplateRenderer, **render_kwargs: Any) -> ChatTem
         opener = opener[: opener.index(THINK_OPEN)]
     opener = opener.lstrip()
     if not opener.strip():
-        raise ValueError(f"cannot read an assistant turn opener off the render {text!r}")
+        raise ValueError(f"cannot read an assistant turn opener off the render {text[:200]!r}")
 
     # System opener: the short text before the system content, when the system turn comes first.
     system_opener = None

@@ -27,9 +27,47 @@ from mask_monitor.templates.derive import SENTINELS, ProbeRender, derive_templat
 from mask_monitor.templates.registry import REGISTRY
 from mask_monitor.templates.render import TemplateRenderer
 
-__all__ = ["detect_template", "renderer_for", "agrees_with_render"]
+__all__ = [
+    "detect_template",
+    "renderer_for",
+    "agrees_with_render",
+    "TemplateUnreadable",
+    "why_unreadable",
+    "REGISTER_HINT",
+]
 
 logger = logging.getLogger(__name__)
+
+#: What to pass when a template cannot be read (said in every such message).
+REGISTER_HINT = (
+    "pass template=ChatTemplate(family=..., assistant=..., end_of_turn=..., user=...) or register the format "
+    "with mask_monitor.register_template(...)"
+)
+
+
+class TemplateUnreadable(ValueError):
+    """A chat template the monitor cannot read: the message says why, in one line, and what to pass."""
+
+
+def why_unreadable(tokenizer_or_template: Any, special_tokens: Any = None, **render_kwargs: Any) -> str:
+    """One line: why no :class:`ChatTemplate` can be read for this tokenizer, and what to pass instead."""
+    renderer = renderer_for(tokenizer_or_template, special_tokens)
+    if renderer is None:
+        return f"the tokenizer has no chat template; {REGISTER_HINT}"
+    try:
+        render_probe(renderer, **render_kwargs)
+    except ValueError as exc:
+        return f"{_first_line(exc)}; {REGISTER_HINT}"
+    try:
+        derive_template(renderer, **render_kwargs)
+    except ValueError as exc:
+        return f"no turn markers can be read off the chat template's render ({_first_line(exc)}); {REGISTER_HINT}"
+    return f"the chat template could not be read; {REGISTER_HINT}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def renderer_for(
@@ -112,7 +150,7 @@ def detect_template(
     try:
         probe = render_probe(renderer, **render_kwargs)
     except ValueError as exc:
-        logger.warning("mask-monitor: %s", exc)
+        logger.warning("mask-monitor: %s; %s", _first_line(exc), REGISTER_HINT)
         return None
     for entry in candidates:
         try:
@@ -124,5 +162,6 @@ def detect_template(
     try:
         return derive_template(renderer, **render_kwargs)
     except ValueError as exc:
-        logger.warning("mask-monitor: %s", exc)
+        logger.warning("mask-monitor: no turn markers can be read off the chat template's render (%s); %s",
+                       _first_line(exc), REGISTER_HINT)
         return None
