@@ -114,6 +114,9 @@ class MaskAuditor:
         self.ignore_index = ignore_index
         self.role_tagger = role_tagger
         self.evidence_rows = evidence_rows
+        #: the length sequences were truncated to, when known (tells a response cut by truncation from one
+        #: that ends without its end-of-turn token; see :func:`~mask_monitor.stats.batch_stats`)
+        self.max_length: int | None = None
         self.sync = sync
         self.set_groups(process_group, sequence_group)
         #: an integer every rank of the exchange must share (the callback: a digest of its settings)
@@ -173,6 +176,7 @@ class MaskAuditor:
             roles=roles,
             ignore_index=self.ignore_index,
             causal=causal,
+            max_length=self.max_length,
         )
         if sharded and block is None:  # labels unreadable: the micro-batch has no rows to combine
             block = torch.zeros((0, 3), dtype=torch.int64, device=vec.device)

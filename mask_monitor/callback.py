@@ -253,18 +253,18 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
     def _setup_template(self, tokenizer: Any) -> None:
         if not self.config.template_audit or self.template_setting is None:
             return
+        from .templates import RoleTagger, describe, detect_template
+        from .templates.spec import resolve_template
+
         try:
-            from .templates import RoleTagger, describe, detect_template
-        except ImportError:  # pragma: no cover - the templates package ships with the project
-            return
-        try:
-            if self.template_setting == "auto":
+            spec = resolve_template(self.template_setting)  # auto, none, a family, a file or a ChatTemplate
+            if spec == "auto":
                 if tokenizer is None:
                     logger.info("mask-monitor: no tokenizer: leakage audit off, masked-fraction audit on")
                     return
                 self.template = detect_template(tokenizer)
             else:
-                self.template = self.template_setting
+                self.template = spec
             if self.template is None:
                 if self.info.is_main_process:
                     logger.info(
@@ -393,6 +393,8 @@ class MaskMonitorCallback(TrainerCallback, ExportableState):
             version=__version__,
         )
         self._new_run()
+        max_length = getattr(args, "max_length", None)  # SFTConfig's truncation length
+        self.auditor.max_length = max_length if isinstance(max_length, int) and max_length > 0 else None
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
         self.tokenizer = tokenizer

@@ -313,9 +313,8 @@ def _unterminated(t: Totals, ctx: RuleContext) -> Numbers | None:
 
 
 def _unterminated_seen(n: Mapping[str, Any]) -> str:
-    where = "the dataset" if n.get("scope") == "dataset" else "step {step}"
     return format_numbers(
-        "{unterminated_responses} of {assistant_responses} assistant responses in " + where + " ({share:.1%}) "
+        "{unterminated_responses} of {assistant_responses} assistant responses {where} ({share:.1%}) "
         "end without their end-of-turn token although their sequence was not cut by max_length ({truncated_responses} "
         "more run into a sequence end that may be truncation, not counted): the model never learns to stop there.",
         n)

@@ -413,9 +413,9 @@ def _loss_cols(
 
 def _template_marked(roles: torch.Tensor, position_ids: torch.Tensor | None, width: int) -> torch.Tensor:
     """Which slots lie in a row (or packed document) that holds a chat-template marker at all (a role other
-    than ``ROLE_OTHER`` / ``ROLE_UNKNOWN``): ``(b, 1)`` per row, ``(b, width)`` per slot for packed batches. Plain text or
-    pre-packed ids under a chat-template tokenizer carry no marker: not a chat render, not audited for
-    prompt leakage (never read as 100% prompt)."""
+    than ``ROLE_OTHER`` / ``ROLE_UNKNOWN``): ``(b, 1)`` per row, ``(b, width)`` per slot for packed batches.
+    Plain text or pre-packed ids under a chat-template tokenizer carry no marker: not a chat render, not
+    audited for prompt leakage (never read as 100% prompt)."""
     roles = _as_2d("roles", roles)
     has = (roles != ROLE_OTHER) & (roles != ROLE_UNKNOWN)
     if position_ids is None:

@@ -30,6 +30,9 @@ FIRING: dict[str, dict[str, float]] = {
     "eot_unsupervised": dict(HEALTHY, audited_supervised_tokens=10, assistant_content_tokens=8,
                              supervised_assistant_content_tokens=8, assistant_turns=2, supervised_eot_turns=1),
     "dropped_sequences": dict(HEALTHY, dropped_sequences=2),
+    "unterminated_responses": dict(HEALTHY, audited_supervised_tokens=10, assistant_content_tokens=8,
+                                   supervised_assistant_content_tokens=8, assistant_turns=2, supervised_eot_turns=2,
+                                   assistant_responses=3, unterminated_responses=1),
     "truncation": dict(HEALTHY, truncated_sequences=1, truncated_supervised_tokens=5),
 }
 

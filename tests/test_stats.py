@@ -135,10 +135,10 @@ def reference(labels, attention=None, position_ids=None, shift_labels=None, role
                 # rows / documents without any marker, and fragments before a row's first turn, are not audited
                 if sup and marked[j] and role != ROLE_UNKNOWN:
                     out["audited_supervised_tokens"] += 1
-                    if role == ROLE_ASSISTANT_HEADER:
-                        out["supervised_header_tokens"] += 1
-                    elif role not in ANSWER:
+                    if role not in ANSWER:
                         out["prompt_leakage_tokens"] += 1
+                if sup and role == ROLE_ASSISTANT_HEADER:  # headers are counted apart, wherever they are
+                    out["supervised_header_tokens"] += 1
                 if role == ROLE_ASSISTANT_CONTENT and (valid or sup):
                     out["assistant_content_tokens"] += 1
                 if role == ROLE_ASSISTANT_CONTENT and sup:
