@@ -94,7 +94,7 @@ def check_details() -> str:
                 out.append("")
                 out.append(f"{title}:")
                 out.append("")
-                out += [f"- {_cell(i)}" for i in items]
+                out += [f"- {i}".replace("\n", " ") for i in items]  # a list item: pipes need no escaping
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -189,7 +189,7 @@ def test_hostile_clients_never_block_scrapes_training_or_the_end_of_train(kind, 
     context = ssl.create_default_context(cafile=str(pki.ca)) if tls else None
     attack = UnderAttack(sink, PLANS[kind], context)
     trainer = sft(zephyr_tokenizer, rows(zephyr_tokenizer, "assistant"), tmp_path,
-                  [MaskMonitorCallback(sinks=[sink]), attack, Pace(0.15)], epochs=2)  # fmt: skip
+                  [MaskMonitorCallback(sinks=[sink]), attack, Pace(0.15)], epochs=4)  # fmt: skip
     try:
         out = trainer.train()
         returned = time.monotonic()
@@ -202,7 +202,9 @@ def test_hostile_clients_never_block_scrapes_training_or_the_end_of_train(kind, 
           f"{attack.probe.get('seconds', 0):.2f} s; max step gap {gap:.2f} s; train() returned "
           f"{returned - attack.step_ends[-1]:.2f} s after the last step")  # fmt: skip
     assert sum(attack.attackers.connected) >= 200  # the attack was real: the connects went through
-    assert out.global_step == 16 and len(attack.step_ends) == 16
+    # 32 steps of at least 0.15 s: training outlasts the probe's wait in the kernel's listen backlog (up to 64
+    # hostile connections queued ahead of it at 20 accepts/s: about 3 s), so the scrape is judged, not cut
+    assert out.global_step == 32 and len(attack.step_ends) == 32
     # no step waited on a client (pace 0.15 s, a tiny model: well under a second a step on an idle machine;
     # waiting on a client would take its whole timeout, 5 s, or, before issue 15, forever)
     gaps = [b - a for a, b in zip([attack.began, *attack.step_ends], attack.step_ends, strict=False)]

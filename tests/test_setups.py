@@ -182,8 +182,10 @@ def test_chat_and_plain_rows_mixed_leakage_counts_only_the_chat_rows(zephyr_toke
         answer = assistant_token_mask(tok, m)
         header = (len(tok.apply_chat_template(m[:-1], add_generation_prompt=True, tokenize=True, return_dict=False))
                   - len(tok.apply_chat_template(m[:-1], tokenize=True, return_dict=False)))
+        # what the turn writes after its end of turn (zephyr's "\n" after </s>) is the answer's tail, not prompt
+        tail = len(ids) - 1 - max(i for i, a in enumerate(answer) if a)
         audited += len(ids) - 1
-        leaked += (len(ids) - 1) - sum(answer[1:]) - header
+        leaked += (len(ids) - 1) - sum(answer[1:]) - header - tail
         data.append({"input_ids": ids, "labels": ids})
     plain = [tok(f"{q} {a}")["input_ids"] for q, a in CONVERSATIONS[4:]]
     data += [{"input_ids": ids, "labels": ids} for ids in plain]

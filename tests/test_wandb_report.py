@@ -54,7 +54,7 @@ def test_spec_panels_put_masked_ratio_next_to_loss_on_the_step_axis():
     assert first["config"]["chartTitle"] == "Loss and masked-label ratio"
     assert first["config"]["metrics"] == ["train/loss", "mask_monitor/masked_ratio"]
     line_plots = [p for s in spec["sections"] for p in s["panels"] if p["viewType"] == "Run History Line Plot"]
-    assert len(line_plots) == 9
+    assert len(line_plots) == 10  # one per chart declared in the report's SECTIONS
     assert {p["config"]["xAxis"] for p in line_plots} == {"train/global_step"}
 
 

@@ -73,6 +73,9 @@ SECTIONS: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] =
             ("Prompt leakage ratio", (PREFIX + "prompt_leakage_ratio",)),
             ("Response coverage and end-of-turn supervision", (
                 PREFIX + "response_coverage_ratio", PREFIX + "eot_supervised_ratio")),
+            ("Responses that end without their end-of-turn token (unterminated; truncated apart)", (
+                PREFIX + "assistant_responses", PREFIX + "unterminated_responses",
+                PREFIX + "truncated_responses")),
         ),
     ),
 )
